@@ -1,0 +1,305 @@
+"""grain input pipelines: sharded per process, deterministic, checkpointable.
+
+Both pipelines see the data as one *global stream* of examples; global batch `s` is the
+stream positions [s*G, (s+1)*G) for global batch size G, and process `p` of `P` takes the
+positions congruent to p modulo P (local batch L = G/P). Hence
+
+- processes read disjoint shards that together cover the stream;
+- the set of examples in a global batch, and each example's augmentation (its numpy
+  Generator is seeded by (seed, stream position)), do not depend on the process count;
+- the batch's resolution is drawn from (seed, step), so every process uses the same size
+  at the same step.
+
+Per-example transforms run inside the batched `MapDataset`, so grain worker processes
+(`worker_count > 0`) each produce whole batches and the output is identical for every
+worker count. Iterators are `grain.DatasetIterator`s: `get_state()` / `set_state()`
+resume exactly (save them with `grain.checkpoint.CheckpointSave` beside the model).
+
+Typical use in a training loop::
+
+    it = make_train_iterator(source, ClassificationTrainTransform(), global_batch_size=256,
+                             image_sizes=[128, 160, 192, 224], seed=0,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count())
+    batch = to_global_batch(next(it), NamedSharding(mesh, P("data")))
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import grain
+import numpy as np
+
+# Tags separating the random streams derived from one seed.
+_AUGMENT_STREAM = 1
+_RESOLUTION_STREAM = 2
+
+Batch = dict[str, np.ndarray]
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+    """global_batch_size / process_count; ValueError if it does not divide."""
+    if global_batch_size <= 0:
+        raise ValueError(f"global_batch_size must be positive, got {global_batch_size}.")
+    if process_count <= 0 or global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
+                         f"process_count={process_count}; use a multiple of {process_count}.")
+    return global_batch_size // process_count
+
+
+def _check_process(process_index: int, process_count: int) -> None:
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is outside [0, {process_count}).")
+
+
+def _normalise_sizes(image_sizes: int | Sequence[int | Sequence[int]]) -> tuple[tuple[int, int], ...]:
+    if isinstance(image_sizes, (int, np.integer)):
+        image_sizes = [image_sizes]
+    sizes = tuple((int(s), int(s)) if isinstance(s, (int, np.integer)) else (int(s[0]), int(s[1]))
+                  for s in image_sizes)
+    if not sizes or any(h <= 0 or w <= 0 for h, w in sizes):
+        raise ValueError(f"image_sizes must be a non-empty list of positive sizes, got {image_sizes!r}.")
+    return sizes
+
+
+def batch_resolution(image_sizes: int | Sequence[int | Sequence[int]], seed: int,
+                     step: int) -> tuple[int, int]:
+    """The (height, width) of training batch `step`: a function of (seed, step) only."""
+    sizes = _normalise_sizes(image_sizes)
+    if len(sizes) == 1:
+        return sizes[0]
+    rng = np.random.default_rng([seed, _RESOLUTION_STREAM, step])
+    return sizes[int(rng.integers(len(sizes)))]
+
+
+def _stack(examples: Sequence[Batch]) -> Batch:
+    return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainExample(grain.transforms.MapWithIndex):
+    """Applies the train transform to local example `index` with its batch's size."""
+
+    transform_fn: Callable[[dict[str, Any], tuple[int, int], np.random.Generator], Batch]
+    image_sizes: tuple[tuple[int, int], ...]
+    seed: int
+    local_batch: int
+    process_index: int
+    process_count: int
+
+    def map_with_index(self, index: int, example: dict[str, Any]) -> Batch:
+        step = index // self.local_batch
+        stream_position = index * self.process_count + self.process_index
+        rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, stream_position])
+        return self.transform_fn(example, batch_resolution(self.image_sizes, self.seed, step), rng)
+
+
+def _finish(dataset: grain.MapDataset, worker_count: int, read_threads: int,
+            prefetch_batches: int) -> grain.DatasetIterator:
+    if worker_count < 0:
+        raise ValueError(f"worker_count must be >= 0, got {worker_count}.")
+    iter_ds = dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches))
+    if worker_count > 0:
+        _allow_grain_workers()
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=worker_count, per_worker_buffer_size=prefetch_batches))
+    return iter(iter_ds)
+
+
+def _allow_grain_workers() -> None:
+    # grain's worker processes read absl flags; in a program that is not an absl app
+    # (pytest, a plain script) nothing has parsed them, and the workers would fail.
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_train_iterator(source: Sequence[dict[str, Any]],
+                        transform_fn: Callable[[dict[str, Any], tuple[int, int],
+                                                np.random.Generator], Batch],
+                        *,
+                        global_batch_size: int,
+                        image_sizes: int | Sequence[int | Sequence[int]],
+                        seed: int,
+                        process_index: int,
+                        process_count: int,
+                        worker_count: int = 0,
+                        read_threads: int = 2,
+                        prefetch_batches: int = 2) -> grain.DatasetIterator:
+    """An infinite, per-epoch shuffled iterator of this process's local training batches.
+
+    Args:
+      source: random-access source (`len`, `__getitem__`), e.g. `sources.get_source(...)`.
+      transform_fn: `transform_fn(example, (height, width), rng) -> dict` of numpy arrays;
+        must be picklable when `worker_count > 0` (e.g. `ClassificationTrainTransform`).
+      global_batch_size: batch size summed over processes; must divide by process_count.
+      image_sizes: an int, or the sizes (int or (h, w)) drawn per batch from (seed, step).
+      seed: seeds the per-epoch shuffle, the augmentations and the resolutions.
+      process_index, process_count: this process and the number of processes (pass
+        `jax.process_index()`, `jax.process_count()`; explicit so tests can simulate them).
+      worker_count: grain worker processes running the transforms (0: in this process).
+      read_threads, prefetch_batches: threads per process/worker and batches buffered.
+
+    Yields dicts of stacked arrays, e.g. {"image": uint8 (L, h, w, 3), "label": int32 (L,)},
+    L = global_batch_size // process_count. Batches run across epoch boundaries.
+    """
+    local_batch = local_batch_size(global_batch_size, process_count)
+    _check_process(process_index, process_count)
+    if len(source) == 0:
+        raise ValueError("The training source is empty.")
+    sizes = _normalise_sizes(image_sizes)
+    dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    dataset = dataset[process_index::process_count]
+    dataset = dataset.map_with_index(_TrainExample(
+        transform_fn, sizes, seed, local_batch, process_index, process_count))
+    dataset = dataset.batch(local_batch, drop_remainder=True, batch_fn=_stack)
+    return _finish(dataset, worker_count, read_threads, prefetch_batches)
+
+
+def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
+    """Number of batches every process yields for a split of `num_examples`."""
+    return math.ceil(num_examples / global_batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PaddedShard:
+    """This process's shard of the eval stream, padded to `length` positions.
+
+    Position k is stream position k * process_count + process_index; positions past the
+    end of the source return example 0 marked as padding (it is zeroed after the transform,
+    which keeps every shape and dtype without knowing them in advance).
+    """
+
+    source: Sequence[dict[str, Any]]
+    length: int
+    process_index: int
+    process_count: int
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, k: int) -> tuple[dict[str, Any], bool]:
+        position = k * self.process_count + self.process_index
+        if position < len(self.source):
+            return self.source[position], True
+        return self.source[0], False
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalExample(grain.transforms.Map):
+    transform_fn: Callable[[dict[str, Any]], Batch]
+
+    def map(self, item: tuple[dict[str, Any], bool]) -> Batch:
+        example, real = item
+        out = dict(self.transform_fn(example))
+        if not real:
+            out = {key: np.zeros_like(value) for key, value in out.items()}
+        out["mask"] = np.int32(real)
+        return out
+
+
+def make_eval_iterator(source: Sequence[dict[str, Any]],
+                       transform_fn: Callable[[dict[str, Any]], Batch],
+                       *,
+                       global_batch_size: int,
+                       process_index: int,
+                       process_count: int,
+                       worker_count: int = 0,
+                       read_threads: int = 2,
+                       prefetch_batches: int = 2) -> grain.DatasetIterator:
+    """One pass over `source`: every example exactly once across all processes.
+
+    Every process yields `num_eval_batches(len(source), global_batch_size)` batches of
+    global_batch_size // process_count examples. The tail is padded with zeroed examples;
+    each batch carries "mask" int32 (L,), 1 for real examples and 0 for padding, so sums
+    of masked statistics over all processes are exact.
+    """
+    local_batch = local_batch_size(global_batch_size, process_count)
+    _check_process(process_index, process_count)
+    if len(source) == 0:
+        raise ValueError("The evaluation source is empty.")
+    length = num_eval_batches(len(source), global_batch_size) * local_batch
+    dataset = grain.MapDataset.source(
+        _PaddedShard(source, length, process_index, process_count))
+    dataset = dataset.map(_EvalExample(transform_fn))
+    dataset = dataset.batch(local_batch, drop_remainder=True, batch_fn=_stack)
+    return _finish(dataset, worker_count, read_threads, prefetch_batches)
+
+
+def to_global_batch(local_batch: Mapping[str, np.ndarray], sharding: Any) -> dict[str, Any]:
+    """Assembles the processes' local batches into global jax.Arrays.
+
+    `sharding` is one `jax.sharding.Sharding` (its leading axis splits the batch, e.g.
+    `NamedSharding(mesh, P("data"))`) used for every entry, or a dict of them by key.
+    Each process passes its own local batch; the global batch is their concatenation in
+    process order.
+    """
+    import jax  # Lazily: the rest of the data package runs without touching devices.
+
+    def put(key: str, value: np.ndarray) -> jax.Array:
+        leaf_sharding = sharding[key] if isinstance(sharding, Mapping) else sharding
+        return jax.make_array_from_process_local_data(leaf_sharding, np.asarray(value))
+
+    return {key: put(key, value) for key, value in local_batch.items()}
+
+
+def benchmark_pipeline(name: str = "evit_shapes", *, data_dir: str, image_size: int = 64,
+                       batch_size: int = 128, worker_count: int = 0, num_batches: int = 20,
+                       read_threads: int = 2, seed: int = 0,
+                       print_fn: Callable[[str], None] = print) -> float:
+    """Measures training-pipeline throughput (images/s) on `name`'s train split.
+
+    Uses the standard classification train transform at `image_size`; the first batch
+    (start-up, worker spawn) is excluded. Prints and returns the rate.
+    """
+    from evit_jax.data import sources, transforms
+
+    source = sources.get_source(name, "train", data_dir)
+    iterator = make_train_iterator(
+        source, transforms.ClassificationTrainTransform(), global_batch_size=batch_size,
+        image_sizes=[image_size], seed=seed, process_index=0, process_count=1,
+        worker_count=worker_count, read_threads=read_threads)
+    try:
+        next(iterator)
+        start = time.perf_counter()
+        for _ in range(num_batches):
+            next(iterator)
+        elapsed = time.perf_counter() - start
+    finally:
+        if hasattr(iterator, "close"):
+            iterator.close()
+    rate = num_batches * batch_size / elapsed
+    per_worker = rate / max(worker_count, 1)
+    print_fn(f"{name} train @{image_size}px batch {batch_size}: workers={worker_count} "
+             f"threads={read_threads}: {rate:.0f} images/s ({per_worker:.0f} per worker)")
+    return rate
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="evit_jax input pipeline tools.")
+    parser.add_argument("--bench", action="store_true", help="measure train throughput")
+    parser.add_argument("--dataset", default="evit_shapes")
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--image_sizes", default="64,224", help="comma-separated sizes")
+    parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
+    parser.add_argument("--read_threads", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--num_batches", type=int, default=20)
+    args = parser.parse_args(argv)
+    if not args.bench:
+        parser.error("nothing to do: pass --bench")
+    for size in (int(s) for s in args.image_sizes.split(",")):
+        for workers in (int(w) for w in args.workers.split(",")):
+            benchmark_pipeline(args.dataset, data_dir=args.data_dir, image_size=size,
+                               batch_size=args.batch_size, worker_count=workers,
+                               num_batches=args.num_batches, read_threads=args.read_threads)
+
+
+if __name__ == "__main__":
+    _main()

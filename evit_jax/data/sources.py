@@ -1,0 +1,252 @@
+"""Random-access data sources for every dataset evit_jax knows, by name.
+
+        source = get_source("evit_shapes", "train", data_dir)   # len(source), source[i] -> dict
+        info = get_info("evit_shapes", data_dir)                # num_classes, split sizes, ...
+
+All datasets are tfds builders stored as ArrayRecord files under `data_dir` (a local
+path or a `gs://` path; tfds handles both). Nothing is ever downloaded:
+
+- built-in synthetic datasets (`evit_shapes`, `evit_seg_shapes`) are generated into
+    `data_dir` on first use. Concurrent processes are safe: on a local file system the
+    build runs under an exclusive file lock; on remote storage JAX process 0 builds and
+    the others wait for the finished dataset.
+- real datasets (`imagenet2012`, `cityscapes`, `ade20k`) must be prepared by the user;
+    a missing one raises FileNotFoundError with the exact command to prepare it.
+
+A name may select a builder config: `evit_shapes/tiny` (32 px, 300/70 images) is the
+small variant used by tests and smoke runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import tensorflow_datasets as tfds
+
+_FILE_FORMAT = "array_record"
+# How long a waiting process gives another one to finish building a dataset.
+_BUILD_WAIT_S = 3600.0
+_BUILD_POLL_S = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """How to find, build or explain the preparation of one dataset."""
+
+    builder_ref: str            # "module:Class" (imported lazily) or a tfds registered name
+    task: str                   # "classification" | "segmentation"
+    auto_build: bool            # generated on first use
+    prepare_command: str = ""   # shown when a real dataset is missing ({data_dir} filled in)
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "evit_shapes": _Entry("evit_jax.data.synthetic_cls:EvitShapes", "classification", True),
+    "evit_seg_shapes": _Entry("evit_jax.data.synthetic_seg:EvitSegShapes", "segmentation", True),
+    "imagenet2012": _Entry(
+        "imagenet2012", "classification", False,
+        "tfds build imagenet2012 --manual_dir=<dir with ILSVRC2012_img_{{train,val}}.tar> "
+        "--file_format=array_record --data_dir={data_dir}"),
+    "cityscapes": _Entry(
+        "evit_jax.data.cityscapes:Cityscapes", "segmentation", False,
+        "python -m evit_jax.data.prepare cityscapes --src <dir with leftImg8bit/ and gtFine/> "
+        "--data_dir={data_dir}"),
+    "ade20k": _Entry(
+        "evit_jax.data.ade20k:Ade20k", "segmentation", False,
+        "python -m evit_jax.data.prepare ade20k --src <ADEChallengeData2016 dir> "
+        "--data_dir={data_dir}"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a task needs to know about a dataset without reading it."""
+
+    name: str
+    task: str                           # "classification" | "segmentation"
+    num_classes: int
+    split_sizes: dict[str, int]         # num_examples per split
+    class_names: tuple[str, ...] | None
+    ignore_index: int | None            # label value excluded from losses/metrics (seg only)
+    image_key: str
+    label_key: str
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by `get_source` / `get_info` (a `/config` suffix may follow)."""
+    return sorted(_REGISTRY)
+
+
+def _split_name(name: str) -> tuple[str, str | None]:
+    base, _, config = name.partition("/")
+    if base not in _REGISTRY:
+        raise ValueError(f"Unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}.")
+    return base, (config or None)
+
+
+def _builder_class(entry: _Entry) -> type | None:
+    if ":" not in entry.builder_ref:
+        return None
+    module_name, class_name = entry.builder_ref.split(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, class_name)
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in os.fspath(path)
+
+
+def _make_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    base, config = _split_name(name)
+    entry = _REGISTRY[base]
+    cls = _builder_class(entry)
+    if cls is None:
+        return tfds.builder(base if config is None else f"{base}/{config}", data_dir=data_dir,
+                            file_format=_FILE_FORMAT)
+    kwargs: dict[str, Any] = {"data_dir": data_dir, "file_format": _FILE_FORMAT}
+    if config is not None:
+        known = [c.name for c in getattr(cls, "BUILDER_CONFIGS", [])]
+        if config not in known:
+            raise ValueError(f"Unknown config {config!r} of dataset {base!r}; known configs: {known}.")
+        kwargs["config"] = config
+    return cls(**kwargs)
+
+
+def _missing_message(name: str, data_dir: str) -> str:
+    entry = _REGISTRY[_split_name(name)[0]]
+    command = entry.prepare_command.format(data_dir=data_dir)
+    return f"Dataset {name!r} is not prepared in data_dir={data_dir!r}; prepare it with: {command}"
+
+
+def _build_under_local_lock(builder: tfds.core.DatasetBuilder, data_dir: str) -> None:
+    import fcntl  # POSIX only; local file systems.
+
+    os.makedirs(data_dir, exist_ok=True)
+    lock_path = os.path.join(data_dir, f".{builder.name}.{builder.builder_config_name}.lock")
+    with open(lock_path, "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)   # Blocks while another process builds.
+        try:
+            if not builder.is_prepared():         # It may have been built while we waited.
+                builder.download_and_prepare()
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _build_on_remote(builder: tfds.core.DatasetBuilder, name: str,
+                     process_index: Callable[[], int]) -> None:
+    # No file locks on object stores: process 0 builds, the others poll for the result.
+    if process_index() == 0:
+        builder.download_and_prepare()
+        return
+    deadline = time.monotonic() + _BUILD_WAIT_S
+    while not builder.is_prepared():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Gave up after {_BUILD_WAIT_S:.0f}s waiting for process 0 to build "
+                               f"{name!r} in {builder.data_dir_root!r}.")
+        time.sleep(_BUILD_POLL_S)
+
+
+def _jax_process_index() -> int:
+    import jax  # Lazily: only remote auto-builds need it.
+    return jax.process_index()
+
+
+def prepare(name: str, data_dir: str,
+            process_index: Callable[[], int] = _jax_process_index) -> tfds.core.DatasetBuilder:
+    """Returns the prepared builder of `name`, generating built-in datasets if needed.
+
+    Raises FileNotFoundError (one line, with the command to run) for a missing real
+    dataset, and ValueError for an unknown name or config.
+    """
+    data_dir = os.fspath(data_dir)
+    base, _ = _split_name(name)
+    entry = _REGISTRY[base]
+    try:
+        builder = _make_builder(name, data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise FileNotFoundError(_missing_message(name, data_dir)) from e
+    if builder.is_prepared():
+        return builder
+    if not entry.auto_build:
+        raise FileNotFoundError(_missing_message(name, data_dir))
+    if _is_remote(data_dir):
+        _build_on_remote(builder, name, process_index)
+    else:
+        _build_under_local_lock(builder, data_dir)
+    # Reload so that the split information written by the build is picked up.
+    return _make_builder(name, data_dir)
+
+
+def _check_random_access(builder: tfds.core.DatasetBuilder, name: str, data_dir: str) -> None:
+    formats = builder.info.available_file_formats() if hasattr(
+        builder.info, "available_file_formats") else {builder.info.file_format}
+    if not any(str(getattr(f, "value", f)) == _FILE_FORMAT for f in formats):
+        raise FileNotFoundError(
+            f"Dataset {name!r} in data_dir={data_dir!r} is stored as {sorted(map(str, formats))}, "
+            f"not ArrayRecord; rebuild it with: {_missing_message(name, data_dir).split(': ', 1)[1]}")
+
+
+def get_source(name: str, split: str, data_dir: str) -> Sequence[dict[str, Any]]:
+    """A random-access source of `split` of dataset `name` stored under `data_dir`.
+
+    The source has `len()` and `source[i]` -> dict of decoded numpy features (images
+    uint8 HWC). `split` accepts tfds slicing (`"train[:90%]"`).
+    """
+    data_dir = os.fspath(data_dir)
+    builder = prepare(name, data_dir)
+    _check_random_access(builder, name, data_dir)
+    base_split = split.split("[")[0]
+    if base_split not in builder.info.splits:
+        raise ValueError(f"Dataset {name!r} has no split {split!r}; splits: "
+                         f"{sorted(builder.info.splits)}.")
+    return builder.as_data_source(split=split)
+
+
+def _label_key(features: tfds.features.FeaturesDict, cls: type | None, task: str) -> str:
+    if cls is not None and hasattr(cls, "LABEL_KEY"):
+        return cls.LABEL_KEY
+    for key in (("label",) if task == "classification" else ("segmentation_mask", "label")):
+        if key in features:
+            return key
+    raise ValueError(f"Cannot tell the label feature among {list(features)}.")
+
+
+def get_info(name: str, data_dir: str) -> DatasetInfo:
+    """Number of classes, split sizes, class names, ignore index and feature keys of `name`.
+
+    Built-in datasets are generated if needed (split sizes are known only once built);
+    a missing real dataset raises FileNotFoundError like `get_source`.
+    """
+    data_dir = os.fspath(data_dir)
+    base, _ = _split_name(name)
+    entry = _REGISTRY[base]
+    builder = prepare(name, data_dir)
+    cls = _builder_class(entry)
+    features = builder.info.features
+    image_key = getattr(cls, "IMAGE_KEY", "image")
+    label_key = _label_key(features, cls, entry.task)
+    label_feature = features[label_key]
+    if isinstance(label_feature, tfds.features.ClassLabel):
+        class_names = tuple(label_feature.names)
+    else:
+        class_names = tuple(getattr(cls, "CLASS_NAMES", ())) or None
+    if class_names is not None:
+        num_classes = len(class_names)
+    elif hasattr(cls, "NUM_CLASSES"):
+        num_classes = int(cls.NUM_CLASSES)
+    else:
+        raise ValueError(f"Dataset {name!r} declares neither class names nor NUM_CLASSES.")
+    ignore_index = None if entry.task == "classification" else int(getattr(cls, "IGNORE_INDEX", 255))
+    return DatasetInfo(
+        name=name,
+        task=entry.task,
+        num_classes=num_classes,
+        split_sizes={s: int(v.num_examples) for s, v in builder.info.splits.items()},
+        class_names=class_names,
+        ignore_index=ignore_index,
+        image_key=image_key,
+        label_key=label_key,
+    )
