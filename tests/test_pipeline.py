@@ -1,0 +1,209 @@
+"""grain pipelines: sharding, determinism, resolutions, resumption, eval padding."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import portpicker
+import pytest
+
+from evit_jax.data import pipeline, sources, transforms
+
+N = 50
+
+
+def _source(n=N, size=12):
+    # Labels are the example indices, so batches tell exactly which examples they hold.
+    return [{"image": np.random.default_rng(i).integers(0, 256, (size, size, 3), np.uint8),
+             "label": i} for i in range(n)]
+
+
+TRAIN = transforms.ClassificationTrainTransform(scale=(0.3, 1.0))
+EVAL = transforms.ClassificationEvalTransform(size=8)
+
+
+def _train(source=None, *, process_index=0, process_count=1, global_batch_size=8,
+           image_sizes=(8,), seed=0, **kwargs):
+    return pipeline.make_train_iterator(
+        _source() if source is None else source, TRAIN, global_batch_size=global_batch_size,
+        image_sizes=image_sizes, seed=seed, process_index=process_index,
+        process_count=process_count, **kwargs)
+
+
+def _take(iterator, steps):
+    return [next(iterator) for _ in range(steps)]
+
+
+def _global_stream(process_count, steps, **kwargs):
+    """Labels and images in global stream order, rebuilt from every process's batches."""
+    per_process = [_take(_train(process_index=p, process_count=process_count, **kwargs), steps)
+                   for p in range(process_count)]
+    labels, images = [], []
+    for step in range(steps):
+        local = [per_process[p][step] for p in range(process_count)]
+        # Local position j of process p is global position j * process_count + p.
+        for j in range(len(local[0]["label"])):
+            for p in range(process_count):
+                labels.append(int(local[p]["label"][j]))
+                images.append(local[p]["image"][j])
+    return np.array(labels), images
+
+
+def test_batches_have_the_contracted_form():
+    batch = next(_train())
+    assert batch["image"].shape == (8, 8, 8, 3) and batch["image"].dtype == np.uint8
+    assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
+
+
+def test_shards_are_disjoint_cover_each_epoch_and_reshuffle():
+    steps = 13  # 13 * 8 = 104 stream positions: two full epochs of 50 and a bit.
+    labels, _ = _global_stream(process_count=2, steps=steps)
+    epoch0, epoch1 = labels[:N], labels[N:2 * N]
+    assert sorted(epoch0) == list(range(N)) and sorted(epoch1) == list(range(N))
+    assert not np.array_equal(epoch0, epoch1)       # A new order every epoch.
+    assert not np.array_equal(epoch0, np.arange(N))  # Shuffled at all.
+
+
+def test_global_batches_do_not_depend_on_process_count():
+    one_labels, one_images = _global_stream(process_count=1, steps=6)
+    two_labels, two_images = _global_stream(process_count=2, steps=6)
+    np.testing.assert_array_equal(one_labels, two_labels)
+    for a, b in zip(one_images, two_images):  # Same augmentation for the same example.
+        np.testing.assert_array_equal(a, b)
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+    a, b = _take(_train(seed=3), 3), _take(_train(seed=3), 3)
+    c = _take(_train(seed=4), 3)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+    assert not all(np.array_equal(x["label"], z["label"]) for x, z in zip(a, c))
+
+
+def test_resolution_is_per_batch_and_agrees_across_processes():
+    sizes = [8, 12, 16, (8, 16)]
+    steps = 12
+    shapes = [[b["image"].shape[1:3] for b in _take(
+        _train(process_index=p, process_count=2, image_sizes=sizes, seed=1), steps)]
+        for p in range(2)]
+    assert shapes[0] == shapes[1]
+    expected = [pipeline.batch_resolution(sizes, 1, step) for step in range(steps)]
+    assert shapes[0] == expected
+    assert len(set(expected)) > 1
+
+
+def test_state_restore_gives_the_identical_next_batches():
+    kwargs = dict(process_index=1, process_count=2, image_sizes=[8, 12, 16], seed=2)
+    iterator = _train(**kwargs)
+    _take(iterator, 4)
+    state = iterator.get_state()
+    expected = _take(iterator, 5)
+    resumed = _train(**kwargs)
+    resumed.set_state(state)
+    for want, got in zip(expected, _take(resumed, 5)):
+        np.testing.assert_array_equal(want["image"], got["image"])
+        np.testing.assert_array_equal(want["label"], got["label"])
+
+
+def test_bad_arguments_fail_clearly():
+    with pytest.raises(ValueError, match="not divisible by process_count=3"):
+        _train(global_batch_size=8, process_count=3)
+    with pytest.raises(ValueError, match="process_index=2 is outside"):
+        _train(process_index=2, process_count=2)
+    with pytest.raises(ValueError, match="image_sizes"):
+        _train(image_sizes=[])
+    with pytest.raises(ValueError, match="not divisible"):
+        pipeline.make_eval_iterator(_source(), EVAL, global_batch_size=6, process_index=0,
+                                    process_count=4)
+
+
+@pytest.mark.parametrize("process_count,global_batch_size", [(1, 8), (2, 8), (4, 8)])
+def test_eval_sees_every_example_once_with_exact_padding(process_count, global_batch_size):
+    n = 37  # Not a multiple of any batch size used.
+    source = _source(n)
+    local_batch = global_batch_size // process_count
+    expected_batches = pipeline.num_eval_batches(n, global_batch_size)
+    seen = []
+    for p in range(process_count):
+        batches = list(pipeline.make_eval_iterator(
+            source, EVAL, global_batch_size=global_batch_size, process_index=p,
+            process_count=process_count))
+        assert len(batches) == expected_batches
+        for batch in batches:
+            assert batch["image"].shape == (local_batch, 8, 8, 3)
+            assert batch["mask"].dtype == np.int32
+            real = batch["mask"] == 1
+            seen.extend(batch["label"][real].tolist())
+            assert not batch["image"][~real].any() and not batch["label"][~real].any()
+            for image, label in zip(batch["image"][real], batch["label"][real]):
+                np.testing.assert_array_equal(image, EVAL(source[label])["image"])
+    assert sorted(seen) == list(range(n))
+
+
+def test_worker_processes_give_the_same_batches(tmp_path):
+    source = sources.get_source("evit_shapes/tiny", "train", str(tmp_path))
+    kwargs = dict(global_batch_size=8, image_sizes=[16, 24], seed=0, process_index=0,
+                  process_count=1)
+    expected = _take(pipeline.make_train_iterator(source, TRAIN, **kwargs), 4)
+    iterator = pipeline.make_train_iterator(source, TRAIN, worker_count=2, **kwargs)
+    try:
+        got = _take(iterator, 4)
+    finally:
+        iterator.close()
+    for want, have in zip(expected, got):
+        np.testing.assert_array_equal(want["image"], have["image"])
+        np.testing.assert_array_equal(want["label"], have["label"])
+
+
+_GLOBAL_EVAL_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from evit_jax.data import pipeline, transforms
+
+    port, process_id, process_count = map(int, sys.argv[1:4])
+    if process_count > 1:
+        jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=process_count,
+                                   process_id=process_id)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    source = [{"image": np.full((8, 8, 3), i, np.uint8), "label": i} for i in range(37)]
+    iterator = pipeline.make_eval_iterator(
+        source, transforms.ClassificationEvalTransform(size=8), global_batch_size=8,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+    @jax.jit
+    def stats(batch):
+        mask = batch["mask"]
+        pixel = batch["image"][:, 0, 0, 0].astype(np.int32)
+        return mask.sum(), (batch["label"] * mask).sum(), (pixel == batch["label"]).all()
+
+    count = label_sum = 0
+    for local in iterator:
+        batch = pipeline.to_global_batch(local, sharding)
+        assert batch["image"].shape == (8, 8, 8, 3), batch["image"].shape
+        c, s, consistent = stats(batch)
+        assert bool(consistent)
+        count, label_sum = count + int(c), label_sum + int(s)
+    print("RESULT", count, label_sum, len(jax.devices()))
+""")
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_global_eval_batches_across_devices_and_processes(process_count):
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    port = portpicker.pick_unused_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", _GLOBAL_EVAL_SCRIPT, str(port), str(p), str(process_count)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for p in range(process_count)]
+    outputs = [proc.communicate(timeout=180) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+        result = [line for line in out.splitlines() if line.startswith("RESULT")][-1]
+        assert result.split()[1:] == ["37", str(sum(range(37))), str(2 * process_count)]
