@@ -1,0 +1,1 @@
+"""Run configs (ml_collections): `--config=configs/<file>.py:<arg>`."""

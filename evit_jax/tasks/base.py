@@ -1,0 +1,141 @@
+"""The task interface: everything the generic train/eval loop needs to know about a task.
+
+The loop (`evit_jax/train/loop.py`) is task-agnostic. It owns the mesh, the optimizer, the
+jit-compiled steps, checkpoints and logging; a :class:`Task` owns the data, the model, the
+preprocessing, the loss and the metrics. A new task (e.g. segmentation in
+`evit_jax/tasks/segmentation.py`) plugs in by subclassing :class:`Task` and registering
+itself in `evit_jax/tasks/__init__.py` (``TASKS``); the loop is never touched.
+
+Two kinds of methods
+--------------------
+*Host side* (plain Python, called once or per batch outside jit):
+
+* :meth:`Task.check` - validate the config against the data and model (dataset present,
+  model name known, ...) and raise ONE clear ValueError/FileNotFoundError before any work.
+* :meth:`Task.create_model` - the Flax module.
+* :meth:`Task.train_iterator` / :meth:`Task.eval_iterator` - this process's share of the
+  data as batches of numpy arrays (``local_batch_size`` examples each). The train iterator
+  is infinite, deterministic for a seed and checkpointable (``get_state``/``set_state``,
+  i.e. a ``grain.DatasetIterator``); it may change the resolution from batch to batch but
+  must pick the same resolution on every process for a given step. The eval iterator is
+  one pass over this process's shard, padded to full batches, each batch carrying a
+  ``"mask"`` array (1 = real example, 0 = padding).
+* :meth:`Task.train_batch_spec` / :meth:`Task.eval_batch_spec` - the GLOBAL shapes and
+  dtypes of a batch at a resolution (``jax.ShapeDtypeStruct`` per key); the loop compiles
+  one executable per training resolution ahead of time from these, and casts incoming
+  numpy batches to exactly these keys and dtypes.
+* :meth:`Task.batch_resolution` - which resolution a numpy batch has (selects the executable).
+* :meth:`Task.finalize_eval` - turn the summed statistics of a whole evaluation into metrics.
+
+*Device side* (traced inside ``jax.jit`` on GLOBAL, batch-sharded ``jax.Array`` s; they must
+be pure jnp code, with no Python control flow on values):
+
+* :meth:`Task.preprocess_train` - ``(batch, rng) -> (inputs, targets)``: uint8 -> normalised
+  float, plus task augmentations that are cheap on device (mixup/cutmix for
+  classification). ``rng`` is the step's key, identical on every process.
+* :meth:`Task.preprocess_eval` - ``batch -> (inputs, targets)``, deterministic.
+* :meth:`Task.loss_and_metrics` - ``(outputs, targets) -> (scalar loss, {name: scalar})``,
+  averaged over the global batch (train batches are never padded).
+* :meth:`Task.eval_statistics` - ``(outputs, targets, mask) -> {name: array}`` of per-batch
+  SUMMABLE statistics (counts, sums, per-class histograms...) that ignore padded examples
+  (``mask == 0``). Summing them over batches (the loop does it on the host in float64/int64)
+  gives exact global statistics across devices and hosts; use integer dtypes for counts.
+
+Model contract: ``outputs = model.apply(variables, inputs, train=..., ...)`` is whatever the
+task's model returns (logits for classification, stride-8 logits for segmentation).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Iterable, Iterator, Mapping
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+Batch = Mapping[str, Any]
+Resolution = tuple[int, int]
+
+
+class Task(abc.ABC):
+    """Base class of all tasks. ``config`` is the full (locked) ml_collections run config."""
+
+    #: registry name, e.g. "classification".
+    name: str = ""
+
+    def __init__(self, config):
+        self.config = config
+
+    # ------------------------------------------------------------------ host side
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Raise one clear error if the config cannot run (missing dataset, wrong model...)."""
+
+    @abc.abstractmethod
+    def create_model(self) -> nn.Module:
+        """The Flax module (compute dtype from config.model.dtype, float32 params)."""
+
+    @property
+    @abc.abstractmethod
+    def model_name(self) -> str:
+        """Canonical model name (stored in the workdir to refuse mixing checkpoints)."""
+
+    @abc.abstractmethod
+    def num_train_examples(self) -> int:
+        """Size of the training split (epochs -> steps for the schedule)."""
+
+    @abc.abstractmethod
+    def train_resolutions(self) -> list[Resolution]:
+        """Every (H, W) the train iterator may produce (one compiled step per entry)."""
+
+    @abc.abstractmethod
+    def eval_resolution(self) -> Resolution:
+        """The (H, W) of evaluation batches."""
+
+    @abc.abstractmethod
+    def train_iterator(self, seed: int, local_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Infinite, checkpointable iterator over this process's training batches."""
+
+    @abc.abstractmethod
+    def eval_iterator(self, local_batch_size: int) -> Iterable[dict[str, np.ndarray]]:
+        """One padded pass over this process's shard of the eval split (batches carry "mask")."""
+
+    @abc.abstractmethod
+    def train_batch_spec(self, global_batch_size: int, resolution: Resolution) -> dict[str, jax.ShapeDtypeStruct]:
+        """Global shapes/dtypes of a training batch at ``resolution``."""
+
+    @abc.abstractmethod
+    def eval_batch_spec(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Global shapes/dtypes of an eval batch (must include "mask")."""
+
+    def batch_resolution(self, batch: Batch) -> Resolution:
+        """The (H, W) of a numpy batch; default: the "image" array's spatial shape."""
+        image = batch["image"]
+        return int(image.shape[1]), int(image.shape[2])
+
+    def is_classifier_param(self, path: str) -> bool:
+        """True for parameters of the final classifier (re-initialised on request when the
+        number of classes of loaded weights differs). ``path`` is "a/b/kernel"."""
+        return False
+
+    @abc.abstractmethod
+    def finalize_eval(self, sums: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Metrics from statistics summed over the whole eval set."""
+
+    # ------------------------------------------------------------------ device side
+    @abc.abstractmethod
+    def preprocess_train(self, batch: Batch, rng: jax.Array) -> tuple[Any, Any]:
+        """(inputs, targets) for a training step; runs inside jit."""
+
+    @abc.abstractmethod
+    def preprocess_eval(self, batch: Batch) -> tuple[Any, Any]:
+        """(inputs, targets) for evaluation; runs inside jit."""
+
+    @abc.abstractmethod
+    def loss_and_metrics(self, outputs: Any, targets: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Scalar training loss and scalar train metrics; runs inside jit."""
+
+    @abc.abstractmethod
+    def eval_statistics(self, outputs: Any, targets: Any, mask: jax.Array) -> dict[str, jax.Array]:
+        """Per-batch summable statistics ignoring padded examples; runs inside jit."""

@@ -1,0 +1,249 @@
+"""Image classification (ImageNet recipe of EfficientViT; the built-in ``evit_shapes`` demo).
+
+Host side: grain pipelines from ``evit_jax.data`` (RandomResizedCrop + flip at a per-batch
+resolution for training; resize + centre crop for evaluation), images stay uint8.
+Device side: normalisation, label smoothing, mixup/cutmix (exactly one per step, chosen with
+equal probability, lambda ~ Beta(alpha, alpha) shared by the batch as in the official
+recipe), BCE-with-logits (official ``bce: true``) or softmax cross-entropy, and exact
+top-1/top-5 counts for evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+from evit_jax.data import pipeline, sources, transforms
+from evit_jax.models import create_model, get_model_spec
+from evit_jax.tasks.base import Task
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+    """uint8 NHWC -> float32, ImageNet mean/std on 0..255 pixels."""
+    return (images.astype(jnp.float32) - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def smooth_labels(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+    """one-hot * (1 - s) + s / K (the official label_smooth)."""
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    return onehot * (1.0 - smoothing) + smoothing / num_classes
+
+
+def stream_order(global_batch: int, process_count: int) -> np.ndarray:
+    """For each row of the global batch (local batches concatenated in process order), its
+    position in the data stream (process p holds stream positions = p mod P). Indexing the
+    random choices of mixup/cutmix by stream position makes them independent of the number
+    of processes."""
+    local = global_batch // process_count
+    rows = np.arange(global_batch)
+    return (rows % local) * process_count + rows // local
+
+
+def mix_batch(images: jax.Array, targets: jax.Array, rng: jax.Array, *, mixup_alpha: float,
+              cutmix_alpha: float, process_count: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Applies exactly one of mixup / cutmix (equal probability when both are enabled).
+
+    Both pair every example with example ``perm[i]`` of a random permutation and mix the
+    targets linearly. mixup: ``lam * x + (1 - lam) * x[perm]`` with lam ~ Beta(a, a).
+    cutmix: a box of area ratio ~(1 - lam) centred at a uniform random pixel (clipped to the
+    image; drawn per example) is pasted from ``x[perm]``, and the targets are mixed with the
+    exact pasted area (lam_i = 1 - box_area / (H * W)).
+    """
+    enabled = [(name, a) for name, a in (("mixup", mixup_alpha), ("cutmix", cutmix_alpha)) if a > 0]
+    if not enabled:
+        return images, targets
+    b, h, w, _ = images.shape
+    k_choice, k_lam, k_perm, k_x, k_y = jax.random.split(rng, 5)
+    if len(enabled) == 2:
+        use_cutmix = jax.random.bernoulli(k_choice, 0.5)
+        alpha = jnp.where(use_cutmix, cutmix_alpha, mixup_alpha)
+    else:
+        use_cutmix = jnp.asarray(enabled[0][0] == "cutmix")
+        alpha = jnp.asarray(enabled[0][1], jnp.float32)
+    lam = jnp.clip(jax.random.beta(k_lam, alpha, alpha), 0.0, 1.0)
+
+    # Random choices are drawn in stream order, then mapped to this batch's row layout.
+    to_stream = jnp.asarray(stream_order(b, process_count))
+    to_row = jnp.argsort(to_stream)
+    perm_stream = jax.random.permutation(k_perm, b)
+    partner = to_row[perm_stream[to_stream]]
+    other_images, other_targets = images[partner], targets[partner]
+
+    # mixup
+    mixed_images = lam * images + (1.0 - lam) * other_images
+    mixed_targets = lam * targets + (1.0 - lam) * other_targets
+
+    # cutmix
+    cut = jnp.sqrt(1.0 - lam)
+    cx = jax.random.randint(k_x, (b,), 0, w)[to_stream].astype(jnp.float32)
+    cy = jax.random.randint(k_y, (b,), 0, h)[to_stream].astype(jnp.float32)
+    x1 = jnp.floor(jnp.clip(cx - w * cut / 2, 0, w)).astype(jnp.int32)
+    x2 = jnp.floor(jnp.clip(cx + w * cut / 2, 0, w)).astype(jnp.int32)
+    y1 = jnp.floor(jnp.clip(cy - h * cut / 2, 0, h)).astype(jnp.int32)
+    y2 = jnp.floor(jnp.clip(cy + h * cut / 2, 0, h)).astype(jnp.int32)
+    ys = jnp.arange(h)[None, :, None]
+    xs = jnp.arange(w)[None, None, :]
+    box = (ys >= y1[:, None, None]) & (ys < y2[:, None, None]) & (xs >= x1[:, None, None]) & (xs < x2[:, None, None])
+    cut_images = jnp.where(box[..., None], other_images, images)
+    lam_i = 1.0 - ((x2 - x1) * (y2 - y1)).astype(jnp.float32) / (h * w)
+    cut_targets = lam_i[:, None] * targets + (1.0 - lam_i[:, None]) * other_targets
+
+    return (jnp.where(use_cutmix, cut_images, mixed_images),
+            jnp.where(use_cutmix, cut_targets, mixed_targets))
+
+
+def classification_loss(logits: jax.Array, targets: jax.Array, bce: bool) -> jax.Array:
+    """Mean BCE-with-logits over all (example, class) entries, or mean soft-target CE."""
+    logits = logits.astype(jnp.float32)
+    if bce:
+        return optax.sigmoid_binary_cross_entropy(logits, targets).mean()
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """Per-example 1/0: label among the k largest logits."""
+    _, top = jax.lax.top_k(logits.astype(jnp.float32), k)
+    return jnp.any(top == labels[:, None], axis=-1)
+
+
+class ClassificationTask(Task):
+    """See the module docstring; config keys under ``model``, ``data``, ``loss``, ``mix``."""
+
+    name = "classification"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._info = None
+
+    # ------------------------------------------------------------------ host side
+    @property
+    def data_dir(self) -> str:
+        return os.path.expanduser(self.config.data.data_dir)
+
+    @property
+    def info(self) -> sources.DatasetInfo:
+        if self._info is None:
+            self._info = sources.get_info(self.config.data.name, self.data_dir)
+        return self._info
+
+    @property
+    def num_classes(self) -> int:
+        n = self.config.model.num_classes
+        return int(n) if n and n > 0 else self.info.num_classes
+
+    @property
+    def model_name(self) -> str:
+        return get_model_spec(self.config.model.name).name
+
+    def check(self) -> None:
+        spec = get_model_spec(self.config.model.name)  # ValueError on an unknown model
+        if spec.task != "classification":
+            raise ValueError(f"model {spec.name!r} is a {spec.task} model; the classification task needs "
+                             "efficientvit_{b0..b3,l1..l3}.")
+        info = self.info  # FileNotFoundError (with the prepare command) if the dataset is missing
+        if info.task != "classification":
+            raise ValueError(f"dataset {info.name!r} is a {info.task} dataset, not classification.")
+        for split in (self.config.data.train_split, self.config.data.eval_split):
+            if split.split("[")[0] not in info.split_sizes:
+                raise ValueError(f"dataset {info.name!r} has no split {split!r}; splits: {sorted(info.split_sizes)}.")
+        for size in list(self.config.data.image_sizes) + [self.config.data.eval_image_size]:
+            if int(size) % 32:
+                raise ValueError(f"image size {size} is not a multiple of 32 (EfficientViT downsamples by 32).")
+
+    def create_model(self) -> nn.Module:
+        m = self.config.model
+        return create_model(m.name, num_classes=self.num_classes, dtype=jnp.dtype(m.dtype),
+                            param_dtype=jnp.float32, attention=m.attention,
+                            drop_path_rate=m.drop_path_rate, drop_path_skip=m.drop_path_skip)
+
+    def num_train_examples(self) -> int:
+        d = self.config.data
+        return len(sources.get_source(d.name, d.train_split, self.data_dir))
+
+    def train_resolutions(self):
+        return [(int(s), int(s)) for s in self.config.data.image_sizes]
+
+    def eval_resolution(self):
+        s = int(self.config.data.eval_image_size)
+        return (s, s)
+
+    def train_iterator(self, seed: int, local_batch_size: int):
+        d = self.config.data
+        source = sources.get_source(d.name, d.train_split, self.data_dir)
+        transform = transforms.ClassificationTrainTransform(
+            scale=(float(d.rrc_scale_min), 1.0), flip_probability=0.5 if d.hflip else 0.0,
+            image_key=self.info.image_key, label_key=self.info.label_key)
+        return pipeline.make_train_iterator(
+            source, transform, global_batch_size=local_batch_size * jax.process_count(),
+            image_sizes=list(d.image_sizes), seed=seed, process_index=jax.process_index(),
+            process_count=jax.process_count(), worker_count=d.num_workers)
+
+    def eval_iterator(self, local_batch_size: int):
+        d = self.config.data
+        source = sources.get_source(d.name, d.eval_split, self.data_dir)
+        transform = transforms.ClassificationEvalTransform(
+            size=int(d.eval_image_size), crop_ratio=float(d.eval_crop_ratio),
+            image_key=self.info.image_key, label_key=self.info.label_key)
+        return pipeline.make_eval_iterator(
+            source, transform, global_batch_size=local_batch_size * jax.process_count(),
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            worker_count=d.num_workers)
+
+    def train_batch_spec(self, global_batch_size, resolution):
+        h, w = resolution
+        return {"image": jax.ShapeDtypeStruct((global_batch_size, h, w, 3), jnp.uint8),
+                "label": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32)}
+
+    def eval_batch_spec(self, global_batch_size):
+        spec = self.train_batch_spec(global_batch_size, self.eval_resolution())
+        spec["mask"] = jax.ShapeDtypeStruct((global_batch_size,), jnp.int32)
+        return spec
+
+    def is_classifier_param(self, path: str) -> bool:
+        # The final LinearLayer of ClsHead (official `head.op_list.3.linear`).
+        return path.startswith("head/op_list_3/")
+
+    def finalize_eval(self, sums: Mapping[str, np.ndarray]) -> dict[str, float]:
+        n = max(float(sums["count"]), 1.0)
+        return {"top1": 100.0 * float(sums["top1_correct"]) / n,
+                "top5": 100.0 * float(sums["top5_correct"]) / n,
+                "loss": float(sums["loss_sum"]) / n,
+                "num_examples": float(sums["count"])}
+
+    # ------------------------------------------------------------------ device side
+    def preprocess_train(self, batch, rng):
+        images = normalize_images(batch["image"])
+        targets = smooth_labels(batch["label"], self.num_classes, self.config.loss.label_smoothing)
+        images, targets = mix_batch(images, targets, rng, mixup_alpha=float(self.config.mix.mixup_alpha),
+                                    cutmix_alpha=float(self.config.mix.cutmix_alpha),
+                                    process_count=jax.process_count())
+        return images, {"soft": targets, "label": batch["label"]}
+
+    def preprocess_eval(self, batch):
+        return normalize_images(batch["image"]), batch["label"]
+
+    def loss_and_metrics(self, outputs, targets):
+        loss = classification_loss(outputs, targets["soft"], bool(self.config.loss.bce))
+        metrics = {"loss": loss}
+        mixing = self.config.mix.mixup_alpha > 0 or self.config.mix.cutmix_alpha > 0
+        if not mixing:  # accuracy on mixed targets is meaningless (the official code skips it too)
+            metrics["top1"] = 100.0 * jnp.mean(topk_correct(outputs, targets["label"], 1).astype(jnp.float32))
+        return loss, metrics
+
+    def eval_statistics(self, outputs, targets, mask):
+        mask = mask.astype(jnp.int32)
+        k5 = min(5, outputs.shape[-1])
+        ce = optax.softmax_cross_entropy_with_integer_labels(outputs.astype(jnp.float32), targets)
+        return {"count": jnp.sum(mask),
+                "top1_correct": jnp.sum(topk_correct(outputs, targets, 1) * mask),
+                "top5_correct": jnp.sum(topk_correct(outputs, targets, k5) * mask),
+                "loss_sum": jnp.sum(ce * mask)}

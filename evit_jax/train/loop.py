@@ -1,0 +1,451 @@
+"""The ONE train/eval loop. Task-agnostic: everything task-specific comes from a
+:class:`evit_jax.tasks.base.Task`.
+
+Order of business in :func:`train_and_evaluate`:
+1. validate everything that can be wrong (task/model/dataset, batch vs devices, workdir vs
+   model, init_from path) - one clear error before any work or any write;
+2. build the mesh, the abstract state and its shardings (parameters and optimizer state
+   sharded by the rule table in ``mesh.py``);
+3. resume from the latest checkpoint in WORKDIR (onto the current mesh) or initialise
+   (optionally from converted weights);
+4. compile one train step per training resolution (ahead of time, logging compile time and
+   memory) and the eval step;
+5. loop: next local batch -> global array -> compiled step; log, checkpoint, evaluate, stop
+   cleanly on SIGTERM; final checkpoint, final evaluation, summary line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from evit_jax.tasks import Task, get_task
+from evit_jax.train import checkpoint as ckpt_lib
+from evit_jax.train import mesh as mesh_lib
+from evit_jax.train import metrics_log
+from evit_jax.train import optim
+from evit_jax.train.state import TrainState, create_train_state, model_variables
+
+
+# ---------------------------------------------------------------------------- setup
+def schedule_lengths(config, train_examples: int) -> tuple[int, int]:
+    """(total_steps, warmup_steps). Default: (num_epochs + warmup_epochs) epochs of the train
+    split; ``total_steps`` > 0 overrides the length (warmup keeps its fraction of the run);
+    ``warmup_steps`` >= 0 overrides the warmup."""
+    epochs = config.num_epochs + config.warmup_epochs
+    if config.total_steps > 0:
+        total = int(config.total_steps)
+    else:
+        total = int(round(epochs * train_examples / config.global_batch_size))
+    if config.warmup_steps >= 0:
+        warmup = int(config.warmup_steps)
+    else:
+        warmup = int(round(total * config.warmup_epochs / epochs)) if epochs else 0
+    if total <= 0:
+        raise ValueError(f"the schedule has {total} steps; set --config.total_steps or num_epochs.")
+    if warmup > total:
+        raise ValueError(f"warmup_steps={warmup} exceeds total_steps={total}.")
+    return total, warmup
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything derived from a config, before any data is read or state is created."""
+
+    config: Any
+    task: Task
+    model: Any
+    mesh: jax.sharding.Mesh
+    tx: optax.GradientTransformation
+    schedule: Callable
+    peak_lr: float
+    total_steps: int
+    warmup_steps: int
+    state_shardings: Any
+    abstract_state: Any  # ShapeDtypeStructs carrying the target shardings
+
+    @property
+    def strategy(self) -> str:
+        return self.config.sharding.strategy
+
+    def local_batch_size(self, global_batch: int) -> int:
+        return global_batch // jax.process_count()
+
+    # -- state ---------------------------------------------------------------
+    def _init_fn(self, key_data):
+        key = jax.random.wrap_key_data(key_data)
+        init_key, train_key = jax.random.split(key)
+        h, w = self.task.train_resolutions()[0]
+        variables = self.model.init({"params": init_key, "dropout": init_key},
+                                    jnp.zeros((1, h, w, 3), jnp.float32), train=False)
+        return create_train_state(dict(variables), self.tx, jax.random.key_data(train_key))
+
+    def init_state(self) -> TrainState:
+        """Fresh state, created directly with its target shardings (never fully on one device)."""
+        key_data = jax.random.key_data(jax.random.key(int(self.config.seed)))
+        init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
+        return init(key_data)
+
+    def state_from_variables(self, state: TrainState, loaded: dict) -> TrainState:
+        """Replaces params/batch_stats (and their EMA) of ``state`` by loaded variables.
+
+        Every leaf must match in path and shape; with ``reinit_classifier`` the task's final
+        classifier may differ (kept freshly initialised), which is how a model is fine-tuned
+        to another number of classes.
+        """
+        reinit = bool(self.config.reinit_classifier)
+        fresh = {"params": state.params, "batch_stats": state.batch_stats}
+        loaded = {"params": loaded.get("params", {}), "batch_stats": loaded.get("batch_stats", {})}
+        fresh_flat = {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(fresh)[0]}
+        loaded_flat = {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+        missing = sorted(set(fresh_flat) - set(loaded_flat))
+        unexpected = sorted(set(loaded_flat) - set(fresh_flat))
+        mismatched, kept_fresh = [], []
+        for path in sorted(set(fresh_flat) & set(loaded_flat)):
+            if tuple(fresh_flat[path].shape) != tuple(np.shape(loaded_flat[path])):
+                stripped = path.split("/", 1)[1]
+                if reinit and self.task.is_classifier_param(stripped):
+                    kept_fresh.append(path)
+                else:
+                    mismatched.append(f"{path} {tuple(np.shape(loaded_flat[path]))} vs model {tuple(fresh_flat[path].shape)}")
+        if missing or unexpected or mismatched:
+            hint = ("" if reinit else " (to fine-tune to another number of classes set --config.reinit_classifier=True)")
+            raise ValueError(
+                f"init_from={self.config.init_from!r} does not fit {self.task.model_name} with "
+                f"{getattr(self.task, 'num_classes', '?')} classes: "
+                f"shape mismatches {mismatched[:5]}, missing {missing[:5]}, unexpected {unexpected[:5]}{hint}.")
+        if kept_fresh:
+            logging.warning("Re-initialised the classifier (reinit_classifier=True): %s", kept_fresh)
+
+        def pick(path, f):
+            p = _path_str(path)
+            return f if p in kept_fresh else jax.device_put(np.asarray(loaded_flat[p], f.dtype), f.sharding)
+
+        new = jax.tree_util.tree_map_with_path(pick, fresh)
+        params, batch_stats = new["params"], new["batch_stats"]
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+        copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
+        return state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
+                             ema_params=copy(params), ema_batch_stats=copy(batch_stats))
+
+    # -- steps ---------------------------------------------------------------
+    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        """One optimizer update on a global batch (traced under jit)."""
+        cfg = self.config
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        aug_rng, dropout_rng = jax.random.split(rng)
+        inputs, targets = self.task.preprocess_train(batch, aug_rng)
+
+        def loss_fn(params):
+            outputs, mutated = self.model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
+                mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+            loss, metrics = self.task.loss_and_metrics(outputs, targets)
+            return loss, (metrics, mutated.get("batch_stats", {}))
+
+        (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        step = state.step + 1
+        decay = optim.ema_decay(step, cfg.ema.decay, cfg.ema.warmup_steps)
+        new_state = state.replace(
+            step=step, params=params, batch_stats=batch_stats, opt_state=opt_state,
+            ema_params=optim.ema_update(state.ema_params, params, decay),
+            ema_batch_stats=optim.ema_update(state.ema_batch_stats, batch_stats, decay))
+        metrics = dict(metrics)
+        metrics["lr"] = self.schedule(state.step)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return new_state, metrics
+
+    def eval_step(self, variables: dict, batch: dict) -> dict:
+        inputs, targets = self.task.preprocess_eval(batch)
+        outputs = self.model.apply(variables, inputs, train=False)
+        return self.task.eval_statistics(outputs, targets, batch["mask"])
+
+    def _batch_abstract(self, spec: dict) -> dict:
+        sharding = mesh_lib.batch_sharding(self.mesh)
+        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in spec.items()}
+
+    def compile_train_steps(self) -> dict:
+        """One AOT-compiled executable per training resolution (state donated)."""
+        replicated = mesh_lib.replicated_sharding(self.mesh)
+        jitted = jax.jit(self.train_step, in_shardings=(self.state_shardings, mesh_lib.batch_sharding(self.mesh)),
+                         out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+        executables = {}
+        for res in self.task.train_resolutions():
+            spec = self._batch_abstract(self.task.train_batch_spec(self.config.global_batch_size, res))
+            executables[res] = _compile_logged(jitted, f"train step {res[0]}x{res[1]}", self.abstract_state, spec)
+        return executables
+
+    def compile_eval_step(self):
+        variables_sh = {"params": self.state_shardings.params, "batch_stats": self.state_shardings.batch_stats}
+        abstract_vars = {"params": self.abstract_state.params, "batch_stats": self.abstract_state.batch_stats}
+        jitted = jax.jit(self.eval_step, in_shardings=(variables_sh, mesh_lib.batch_sharding(self.mesh)),
+                         out_shardings=mesh_lib.replicated_sharding(self.mesh))
+        spec = self._batch_abstract(self.task.eval_batch_spec(self.config.eval_batch_size))
+        res = self.task.eval_resolution()
+        return _compile_logged(jitted, f"eval step {res[0]}x{res[1]}", abstract_vars, spec)
+
+    def global_batch(self, local: dict, spec: dict) -> dict:
+        """Local numpy batch -> global batch-sharded arrays, cast to the compiled keys/dtypes."""
+        local_spec = {k: np.dtype(v.dtype) for k, v in spec.items()}
+        missing = set(local_spec) - set(local)
+        if missing:
+            raise ValueError(f"the data pipeline's batch lacks {sorted(missing)} (has {sorted(local)}).")
+        return mesh_lib.global_batch_from_local(
+            {k: np.asarray(local[k], dtype) for k, dtype in local_spec.items()}, self.mesh)
+
+
+def _compile_logged(jitted, what: str, *abstract_args):
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*abstract_args).compile()
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        logging.info("Compiled %s in %.1fs; per-device memory: arguments %.1f MiB, outputs %.1f MiB, "
+                     "temporaries %.1f MiB, code %.1f MiB", what, seconds,
+                     mem.argument_size_in_bytes / 2**20, mem.output_size_in_bytes / 2**20,
+                     mem.temp_size_in_bytes / 2**20, mem.generated_code_size_in_bytes / 2**20)
+    else:
+        logging.info("Compiled %s in %.1fs", what, seconds)
+    return compiled
+
+
+def _check_config(config) -> None:
+    if config.mode not in ("train", "eval"):
+        raise ValueError(f"config.mode={config.mode!r} is unknown; use 'train' or 'eval'.")
+    if config.model.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"config.model.dtype={config.model.dtype!r}; use 'float32' or 'bfloat16'.")
+    if config.init_from and not os.path.exists(os.path.expanduser(config.init_from)):
+        raise FileNotFoundError(f"init_from={config.init_from!r} does not exist; give a converted "
+                                "checkpoint (.pt/.pth/.safetensors) or an Orbax variables directory.")
+
+
+def setup_experiment(config) -> Experiment:
+    """Validates the config and derives mesh, optimizer, schedule and abstract sharded state.
+
+    Raises one clear error (ValueError/FileNotFoundError) for anything that cannot run.
+    """
+    _check_config(config)
+    task = get_task(config)
+    task.check()
+    mesh = mesh_lib.create_mesh(config.sharding.strategy, config.sharding.fsdp_size)
+    mesh_lib.check_batch_divisible(config.global_batch_size, mesh, "batch size (global_batch_size)")
+    mesh_lib.check_batch_divisible(config.eval_batch_size, mesh, "eval batch size (eval_batch_size)")
+    total, warmup = schedule_lengths(config, task.num_train_examples())
+    peak_lr = optim.peak_learning_rate(config.optim.base_lr, config.global_batch_size, config.optim.lr_reference_batch)
+    schedule = optim.warmup_cosine_schedule(peak_lr, warmup, total)
+    model = task.create_model()
+    experiment = Experiment(config, task, model, mesh, None, schedule, peak_lr, total, warmup, None, None)
+    key_data = jax.random.key_data(jax.random.key(0))
+    # The weight-decay mask needs the parameter tree; build it from the abstract init.
+    abstract_vars = jax.eval_shape(
+        lambda k: model.init({"params": jax.random.wrap_key_data(k), "dropout": jax.random.wrap_key_data(k)},
+                             jnp.zeros((1, *task.train_resolutions()[0], 3), jnp.float32), train=False), key_data)
+    experiment.tx = optim.create_optimizer(config.optim, schedule, abstract_vars["params"])
+    abstract_state = jax.eval_shape(experiment._init_fn, key_data)
+    experiment.state_shardings = mesh_lib.tree_shardings(abstract_state, mesh, config.sharding.strategy)
+    experiment.abstract_state = _abstract(abstract_state, experiment.state_shardings)
+    return experiment
+
+
+def _load_variables(config, task: Task) -> dict:
+    from evit_jax.convert import load_variables  # lazily: only fine-tuning/eval of converted weights
+    return load_variables(os.path.expanduser(config.init_from), task.model_name, use_ema=bool(config.init_use_ema))
+
+
+# ---------------------------------------------------------------------------- evaluation
+def evaluate(experiment: Experiment, eval_exec, state: TrainState, *, include_ema: bool) -> dict[str, float]:
+    """One pass over the eval split; returns {"eval/top1": ..., "eval_ema/top1": ...}.
+
+    Per-batch statistics are computed on the global (sharded) batch inside jit, so they are
+    already summed over devices and hosts; the host accumulates them in float64/int64.
+    """
+    task, config = experiment.task, experiment.config
+    spec = task.eval_batch_spec(config.eval_batch_size)
+    weights = {"eval": model_variables(state, use_ema=False)}
+    if include_ema:
+        weights["eval_ema"] = model_variables(state, use_ema=True)
+    sums = {name: None for name in weights}
+    t0 = time.perf_counter()
+    for local in task.eval_iterator(experiment.local_batch_size(config.eval_batch_size)):
+        batch = experiment.global_batch(local, spec)
+        for name, variables in weights.items():
+            stats = jax.device_get(eval_exec(variables, batch))
+            stats = {k: np.asarray(v, np.int64 if np.issubdtype(np.asarray(v).dtype, np.integer) else np.float64)
+                     for k, v in stats.items()}
+            sums[name] = stats if sums[name] is None else {k: sums[name][k] + stats[k] for k in stats}
+    results = {}
+    for name, s in sums.items():
+        if s is None:
+            raise ValueError("the evaluation split yielded no batches.")
+        for k, v in task.finalize_eval(s).items():
+            results[f"{name}/{k}"] = v
+    logging.info("Evaluation (%.1fs): %s", time.perf_counter() - t0,
+                 " ".join(f"{k}={v:.4f}" for k, v in results.items()))
+    return results
+
+
+# ---------------------------------------------------------------------------- train
+def _guard(config):
+    return jax.transfer_guard("disallow") if config.transfer_guard else _Null()
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+    """Trains (resuming from WORKDIR if it holds a checkpoint) and returns the final metrics."""
+    t_start = time.perf_counter()
+    experiment = setup_experiment(config)
+    task = experiment.task
+    ckpt_lib.check_workdir(workdir, task.model_name, task.name)
+    resume_step = ckpt_lib.latest_complete_step(workdir)
+    if resume_step is None and config.init_from:
+        loaded = _load_variables(config, task)
+    else:
+        loaded = None
+    # ---- everything above validated; now write and work.
+    ckpt_lib.write_run_info(workdir, task.model_name, task.name, config.to_json())
+    mesh = experiment.mesh
+    logging.info("Mesh %s over %d devices in %d processes; strategy=%s; global batch %d; "
+                 "%d steps (%d warmup), peak lr %.3g", dict(mesh.shape), mesh.devices.size,
+                 jax.process_count(), experiment.strategy, config.global_batch_size,
+                 experiment.total_steps, experiment.warmup_steps, experiment.peak_lr)
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    local_batch = experiment.local_batch_size(config.global_batch_size)
+    train_iter = task.train_iterator(int(config.seed), local_batch)
+
+    if resume_step is not None:
+        logging.info("Resuming from the checkpoint of step %d in %s", resume_step, checkpointer.directory)
+        state = checkpointer.restore(resume_step, experiment.abstract_state, train_iter)
+    else:
+        state = experiment.init_state()
+        if loaded is not None:
+            state = experiment.state_from_variables(state, loaded)
+            logging.info("Initialised from %s", config.init_from)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+    logging.info("%s: %.2fM parameters", task.model_name, n_params / 1e6)
+
+    train_execs = experiment.compile_train_steps()
+    eval_exec = experiment.compile_eval_step()
+    specs = {res: task.train_batch_spec(config.global_batch_size, res) for res in train_execs}
+
+    total = experiment.total_steps
+    start_step = int(jax.device_get(state.step))
+    writer = metrics_log.MetricWriter(workdir, total, enable_tensorboard=config.tensorboard)
+    writer.set_start(start_step)
+    throughput = metrics_log.Throughput(start_step, total)
+    preemption = ckpt_lib.PreemptionHandler()
+    pending: list[dict] = []
+    final_metrics: dict[str, float] = {}
+    step = start_step
+    preempted = False
+    try:
+        with _guard(config):
+            while step < total:
+                if preemption.should_stop(step):
+                    preempted = True
+                    break
+                local = next(train_iter)
+                res = task.batch_resolution(local)
+                if res not in train_execs:
+                    raise ValueError(f"the pipeline produced a {res} batch; compiled resolutions: {list(train_execs)}.")
+                batch = experiment.global_batch(local, specs[res])
+                state, metrics = train_execs[res](state, batch)
+                step += 1
+                pending.append(metrics)
+                if step % config.log_every_steps == 0 or step == total:
+                    host = jax.device_get(pending)
+                    pending = []
+                    mean = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[-1]}
+                    img_s, eta = throughput.report(step, config.global_batch_size)
+                    mean["train/images_per_s"] = img_s
+                    writer.write(step, mean)
+                    metrics_log.log_line(step, total, mean, img_s, eta)
+                    writer.progress(step, {"loss": mean["train/loss"], "lr": mean["train/lr"]})
+                if step % config.checkpoint.every_steps == 0 and step < total:
+                    checkpointer.save(step, state, train_iter)
+                if config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and step < total:
+                    results = evaluate(experiment, eval_exec, state, include_ema=config.eval_ema)
+                    writer.write(step, results)
+        if preempted:
+            logging.warning("Preempted at step %d: saving a checkpoint and exiting.", step)
+            checkpointer.save(step, state, train_iter, force=True)
+            checkpointer.wait()
+        else:
+            checkpointer.save(step, state, train_iter, force=True)
+            final_metrics = evaluate(experiment, eval_exec, state, include_ema=config.eval_ema)
+            writer.write(step, final_metrics)
+    finally:
+        checkpointer.close()
+        writer.close()
+        preemption.restore_handler()
+    elapsed = time.perf_counter() - t_start
+    summary = " ".join(f"{k}={v:.4f}" for k, v in final_metrics.items())
+    logging.info("Done%s: step %d/%d in %.1fs (%s). %s", " (preempted)" if preempted else "",
+                 step, total, elapsed, task.model_name, summary)
+    print(f"FINAL step={step} total_steps={total} wall_s={elapsed:.1f} preempted={preempted} {summary}", flush=True)
+    return final_metrics
+
+
+# ---------------------------------------------------------------------------- eval mode
+def evaluate_only(config, workdir: str) -> dict[str, float]:
+    """--config.mode=eval: evaluates the latest checkpoint in WORKDIR (raw and EMA weights) or,
+    without one, the converted weights given by init_from."""
+    experiment = setup_experiment(config)
+    task = experiment.task
+    ckpt_lib.check_workdir(workdir, task.model_name, task.name)
+    step = ckpt_lib.latest_complete_step(workdir)
+    if step is None and not config.init_from:
+        raise FileNotFoundError(f"nothing to evaluate: workdir {workdir!r} has no checkpoint and "
+                                "--config.init_from is empty.")
+    loaded = _load_variables(config, task) if step is None else None
+    eval_exec = experiment.compile_eval_step()
+    if step is not None:
+        checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
+        state = checkpointer.restore(step, experiment.abstract_state, None)
+        checkpointer.close()
+        include_ema = bool(config.eval_ema)
+        logging.info("Evaluating the checkpoint of step %d", step)
+    else:
+        state = experiment.state_from_variables(experiment.init_state(), loaded)
+        include_ema = False
+        step = 0
+        logging.info("Evaluating %s", config.init_from)
+    with _guard(config):
+        results = evaluate(experiment, eval_exec, state, include_ema=include_ema)
+    writer = metrics_log.MetricWriter(workdir, 0, enable_tensorboard=config.tensorboard, progress_bar=False)
+    writer.write(step, results)
+    writer.close()
+    print("FINAL " + " ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
+    return results
+
+
+def run(config, workdir: str) -> dict[str, float]:
+    """Dispatches on config.mode."""
+    if config.mode == "eval":
+        return evaluate_only(config, workdir)
+    _check_config(config)
+    return train_and_evaluate(config, workdir)
