@@ -1,0 +1,91 @@
+"""Prepares a dataset as tfds ArrayRecord files under ``--data_dir`` (nothing is downloaded).
+
+    python -m evit_jax.data.prepare cityscapes --src DIR --data_dir DATA_DIR
+    python -m evit_jax.data.prepare ade20k --src DIR --data_dir DATA_DIR
+    python -m evit_jax.data.prepare evit_seg_shapes --data_dir DATA_DIR [--config tiny]
+    python -m evit_jax.data.prepare evit_shapes --data_dir DATA_DIR [--config tiny]
+
+``--src`` is the folder with the files you downloaded (see docs/segmentation_data.md):
+Cityscapes ``leftImg8bit/`` + ``gtFine/`` or their two zips; ADE20K the
+``ADEChallengeData2016`` folder, its parent or ``ADEChallengeData2016.zip``. The layout is
+checked before anything is written. The synthetic datasets need no ``--src``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# name -> "module:Class" (imported lazily: each builder pulls in only what it needs).
+BUILDERS = {
+    "cityscapes": "evit_jax.data.cityscapes:Cityscapes",
+    "ade20k": "evit_jax.data.ade20k:Ade20k",
+    "evit_seg_shapes": "evit_jax.data.synthetic_seg:EvitSegShapes",
+    "evit_shapes": "evit_jax.data.synthetic_cls:EvitShapes",
+}
+MANUAL = ("cityscapes", "ade20k")
+
+
+def builder_class(name: str) -> type:
+    """The tfds builder class of dataset ``name``."""
+    if name not in BUILDERS:
+        raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(BUILDERS)}.")
+    module_name, class_name = BUILDERS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def prepare(name: str, data_dir: str, src: str | None = None, config: str | None = None):
+    """Builds dataset ``name`` into ``data_dir``; returns the prepared builder.
+
+    Raises ValueError / FileNotFoundError (one line) before writing anything when the
+    name, the config or the source files are wrong.
+    """
+    import tensorflow_datasets as tfds
+
+    cls = builder_class(name)
+    if name in MANUAL:
+        if not src:
+            raise ValueError(f"{name} needs --src: the folder holding the downloaded files.")
+        src = os.path.abspath(os.path.expanduser(src))
+        cls.check_manual_dir(src)  # FileNotFoundError naming the missing folder.
+    elif src:
+        raise ValueError(f"{name} is generated procedurally and takes no --src.")
+    kwargs = {"data_dir": os.path.expanduser(data_dir), "file_format": "array_record"}
+    if config is not None:
+        known = [c.name for c in getattr(cls, "BUILDER_CONFIGS", [])]
+        if config not in known:
+            raise ValueError(f"Unknown config {config!r} of {name}; known configs: {known}.")
+        kwargs["config"] = config
+    builder = cls(**kwargs)
+    if builder.is_prepared():
+        print(f"{name} is already prepared in {builder.data_dir}; delete that folder to rebuild it.")
+        return builder
+    download_config = tfds.download.DownloadConfig(manual_dir=src) if src else None
+    builder.download_and_prepare(download_config=download_config)
+    return cls(**kwargs)  # Re-read so that the split sizes written by the build are visible.
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m evit_jax.data.prepare",
+        description="Prepare a dataset as tfds ArrayRecord files (nothing is downloaded).")
+    parser.add_argument("dataset", choices=sorted(BUILDERS))
+    parser.add_argument("--src", default=None,
+                        help="folder with the manually downloaded files (cityscapes, ade20k)")
+    parser.add_argument("--data_dir", required=True, help="tfds data directory to write into")
+    parser.add_argument("--config", default=None, help="builder config (synthetic datasets: tiny)")
+    args = parser.parse_args(argv)
+    try:
+        builder = prepare(args.dataset, args.data_dir, args.src, args.config)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    sizes = ", ".join(f"{split}={info.num_examples}" for split, info in builder.info.splits.items())
+    print(f"{args.dataset}: {sizes} in {builder.data_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
