@@ -12,59 +12,34 @@ whatever the compute dtype: the ReLU-kernel denominator loses all precision in b
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
+from evit_jax.models.attention_kernels import (  # noqa: F401  (re-exported: the historical home of these)
+    ATTENTION_KERNELS,
+    AttentionFn,
+    get_attention_kernel,
+    parse_attention,
+    relu_linear_attention,
+    relu_quadratic_attention,
+)
 from evit_jax.models.layers import Conv2d, ConvLayer, LayerConfig, MBConv, make_residual
-
-HIGHEST = lax.Precision.HIGHEST
-
-# Signature of a global-context kernel: q, k, v of shape (B, N, heads, dim) in float32 -> (B, N, heads, dim).
-AttentionFn = Callable[..., jax.Array]
-
-
-def relu_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float) -> jax.Array:
-    """Official `relu_linear_att`: ReLU kernel, O(N) cost.
-
-    out_i = sum_j (k_j . q_i) v_j / (sum_j k_j . q_i + eps). The denominator comes, as in the official
-    code, from a row of ones appended to v, so one pair of matmuls yields numerator and denominator.
-    """
-    q, k = jax.nn.relu(q), jax.nn.relu(k)
-    v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
-    vk = jnp.einsum("bnhe,bnhd->bhed", v, k, precision=HIGHEST)
-    out = jnp.einsum("bhed,bnhd->bnhe", vk, q, precision=HIGHEST)
-    return out[..., :-1] / (out[..., -1:] + eps)
-
-
-def relu_quadratic_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float) -> jax.Array:
-    """Official `relu_quadratic_att`, used when H*W <= dim: the N x N map, normalised over keys."""
-    q, k = jax.nn.relu(q), jax.nn.relu(k)
-    att = jnp.einsum("bkhd,bqhd->bhkq", k, q, precision=HIGHEST)
-    att = att / (jnp.sum(att, axis=2, keepdims=True) + eps)
-    return jnp.einsum("bkhe,bhkq->bqhe", v, att, precision=HIGHEST)
-
-
-ATTENTION_KERNELS: dict[str, AttentionFn] = {
-    "relu_linear": relu_linear_attention,
-}
-
-
-def get_attention_kernel(name: str) -> AttentionFn:
-    if name not in ATTENTION_KERNELS:
-        raise ValueError(f"unknown attention {name!r}; available: {sorted(ATTENTION_KERNELS)}")
-    return ATTENTION_KERNELS[name]
 
 
 class LiteMLA(nn.Module):
-    """Lightweight multi-scale linear attention (official `LiteMLA`, older name `LiteMSA`).
+    """Lightweight multi-scale linear attention (official `LiteMLA`, older name `LiteMSA`), with the
+    global-context kernel chosen by `attention` (see evit_jax/models/attention_kernels.py).
 
+    attention: a kernel name or spec string ("relu_linear", "softmax", "focused(power=2, value_dwc=0)",
+      "relu_linear(scales=(3, 5))"...). Every kernel uses the same qkv / aggregation / projection
+      parameters, so official weights load into any variant; only `value_dwc` adds a parameter.
+    scales: the architecture's multi-scale aggregation kernel sizes; a `scales` option in the spec wins.
     eps: 1e-15 in the official code, 1e-5 in timm's port.
     quadratic_fallback: the official code switches to the N x N form when H*W <= dim (timm never does;
-      the two are the same function up to rounding).
+      the two are the same function up to rounding). Only relu_linear has this fallback.
     """
 
     features: int
@@ -80,12 +55,14 @@ class LiteMLA(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        spec = parse_attention(self.attention)
+        scales = self.scales if spec.scales is None else spec.scales
         batch, height, width, c_in = x.shape
         heads = self.heads or int(c_in // self.dim * self.heads_ratio)
         total_dim = heads * self.dim
         qkv = ConvLayer(3 * total_dim, 1, self.cfg, norm=False, name="qkv")(x, train)
         multi_scale = [qkv]
-        for i, scale in enumerate(self.scales):
+        for i, scale in enumerate(scales):
             agg = Conv2d(3 * total_dim, scale, self.cfg, groups=3 * total_dim, name=f"aggreg_{i}_0")(qkv)
             agg = Conv2d(3 * total_dim, 1, self.cfg, groups=3 * heads, name=f"aggreg_{i}_1")(agg)
             multi_scale.append(agg)
@@ -94,16 +71,28 @@ class LiteMLA(nn.Module):
         n = height * width
         qkv = qkv.reshape(batch, n, -1, 3 * self.dim).astype(jnp.float32)
         q, k, v = qkv[..., : self.dim], qkv[..., self.dim : 2 * self.dim], qkv[..., 2 * self.dim :]
-        if self.attention == "relu_linear" and self.quadratic_fallback and n <= self.dim:
+        if spec.name == "relu_linear" and self.quadratic_fallback and n <= self.dim:
             out = relu_quadratic_attention(q, k, v, eps=self.eps)
         else:
-            out = get_attention_kernel(self.attention)(q, k, v, eps=self.eps)
+            out = spec.fn(q, k, v, eps=self.eps)
+        if spec.value_dwc:
+            out = out + self._value_dwc(v, height, width, spec.value_dwc)
         out = out.reshape(batch, height, width, -1).astype(self.cfg.dtype)
         return ConvLayer(self.features, 1, self.cfg, zero_init_norm=self.zero_init_last, name="proj")(out, train)
 
+    def _value_dwc(self, v: jax.Array, height: int, width: int, kernel_size: int) -> jax.Array:
+        """FLatten's DWC term: one depthwise k x k conv (with bias) over each head's V map, shared by heads."""
+        batch, _, heads, dim = v.shape
+        maps = v.transpose(0, 2, 1, 3).reshape(batch * heads, height, width, dim)
+        y = Conv2d(dim, kernel_size, self.cfg, groups=dim, use_bias=True, name="value_dwc")(maps)
+        return y.astype(jnp.float32).reshape(batch, heads, height * width, dim).transpose(0, 2, 1, 3)
+
 
 class EfficientViTBlock(nn.Module):
-    """x + LiteMLA(x) (`context_module`), then x + MBConv(x) (`local_module`); no pre-norm."""
+    """x + LiteMLA(x) (`context_module`), then x + MBConv(x) (`local_module`); no pre-norm.
+
+    `attention` is passed to LiteMLA unchanged (a kernel name or spec string, see LiteMLA).
+    """
 
     cfg: LayerConfig
     dim: int = 32
