@@ -29,6 +29,8 @@ _LEAF_TO_TORCH = {
     ("batch_stats", "var"): "running_var",
     ("batch_stats", "num_batches_tracked"): "num_batches_tracked",
 }
+
+
 def module_to_torch(component: str) -> str:
     """`stages_2_op_list_1` -> `stages.2.op_list.1`; `aggreg_0_1` -> `aggreg.0.1`; `conv2` unchanged."""
     return re.sub(r"_(\d+)", r".\1", component).replace("_op_list", ".op_list")
@@ -52,8 +54,20 @@ def flax_to_torch_array(collection: str, path: tuple[str, ...], value: np.ndarra
     return value
 
 
+def flax_to_torch_shape(collection: str, path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The PyTorch shape of a Flax variable (the shape `flax_to_torch_array` produces)."""
+    shape = tuple(shape)
+    if collection == "params" and path[-1] == "kernel":
+        return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
+    return shape
+
+
 def torch_to_flax_array(collection: str, path: tuple[str, ...], value: np.ndarray, target_dtype=None) -> np.ndarray:
-    """PyTorch array -> Flax layout (inverse of flax_to_torch_array)."""
+    """PyTorch array -> Flax layout (inverse of flax_to_torch_array).
+
+    The dtype is kept (float16/bfloat16 stay as they are); only the BN counter is cast, and only when a
+    `target_dtype` is given.
+    """
     value = np.asarray(value)
     leaf = path[-1]
     if collection == "params" and leaf == "kernel":

@@ -1,0 +1,46 @@
+"""Weight conversion between PyTorch checkpoints (official and timm layouts) and Flax variables.
+
+    from evit_jax.convert import torch_to_flax, flax_to_torch, load_variables, save_variables
+    variables = load_variables("efficientvit_b1_r224.pt", "efficientvit_b1")
+    state_dict = flax_to_torch(variables, "efficientvit_b1", layout="timm")
+
+Command line: `python -m evit_jax.convert to-flax|to-torch ...` (see docs/convert.md).
+"""
+
+from evit_jax.convert.core import (
+    LAYOUTS,
+    abstract_variables,
+    check_variables,
+    detect_layout,
+    extract_state_dict,
+    flax_to_torch,
+    key_table,
+    score_models,
+    torch_to_flax,
+)
+from evit_jax.convert.io import (
+    load_pretrained,
+    load_variables,
+    read_checkpoint,
+    read_metadata,
+    save_variables,
+    write_torch_checkpoint,
+)
+
+__all__ = [
+    "LAYOUTS",
+    "abstract_variables",
+    "check_variables",
+    "detect_layout",
+    "extract_state_dict",
+    "flax_to_torch",
+    "key_table",
+    "load_pretrained",
+    "load_variables",
+    "read_checkpoint",
+    "read_metadata",
+    "save_variables",
+    "score_models",
+    "torch_to_flax",
+    "write_torch_checkpoint",
+]
