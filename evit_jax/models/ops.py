@@ -81,6 +81,23 @@ def pointwise_conv2d_matmul(x: jax.Array, kernel: jax.Array, groups: int) -> jax
     return y.reshape(*x.shape[:3], c_out)
 
 
+def grouped_pointwise_conv2d_broadcast(x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
+    """Grouped 1x1 convolution as c_in/groups broadcast multiply-adds, in the channels-last layout.
+
+    y[..., g, :] = sum_c x[..., g, c] * w[c, g, :]. A batched matmul over groups would need the group axis
+    major (a transpose XLA:CPU fuses with the producer into a slow strided loop); this form never moves data.
+    """
+    c_in_per_group, c_out = kernel.shape[2], kernel.shape[3]
+    c_out_per_group = c_out // groups
+    xg = x.reshape(*x.shape[:3], groups, c_in_per_group, 1)
+    w = kernel.reshape(c_in_per_group, groups, c_out_per_group)
+    out = None
+    for c in range(c_in_per_group):
+        term = xg[..., c, :] * w[c]
+        out = term if out is None else out + term
+    return out.reshape(*x.shape[:3], c_out)
+
+
 def _use_fast_path(conv_impl: str) -> bool:
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
@@ -108,6 +125,8 @@ def conv2d(
         raise ValueError(f"conv2d: input has {c_in} channels, kernel expects {c_in_per_group} x {groups} groups")
     if _use_fast_path(conv_impl):
         if kh == kw == 1 and stride == 1 and padding == 0:
+            if groups > 1 and c_in_per_group <= 32:
+                return grouped_pointwise_conv2d_broadcast(x, kernel, groups)
             return pointwise_conv2d_matmul(x, kernel, groups)
         if groups == c_in and c_in_per_group == 1 and kernel.shape[3] == c_in:
             return depthwise_conv2d_shift_add(x, kernel, stride, padding)
