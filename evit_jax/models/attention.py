@@ -92,6 +92,7 @@ class EfficientViTBlock(nn.Module):
     """x + LiteMLA(x) (`context_module`), then x + MBConv(x) (`local_module`); no pre-norm.
 
     `attention` is passed to LiteMLA unchanged (a kernel name or spec string, see LiteMLA).
+    local_kernel_size: the MBConv's depthwise kernel (3 officially; 5 in the paper-v1 design, evit_jax.models.v1).
     """
 
     cfg: LayerConfig
@@ -104,6 +105,7 @@ class EfficientViTBlock(nn.Module):
     attention: str = "relu_linear"
     quadratic_fallback: bool = True
     drop_path_rates: tuple[float, float] = (0.0, 0.0)
+    local_kernel_size: int = 3
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -115,6 +117,7 @@ class EfficientViTBlock(nn.Module):
         )(x, train)
         return make_residual(
             MBConv, True, self.drop_path_rates[1], name="local_module",
-            features=c, cfg=self.cfg, expand_ratio=self.expand_ratio, use_bias=(True, True, False),
+            features=c, cfg=self.cfg, expand_ratio=self.expand_ratio, kernel_size=self.local_kernel_size,
+            use_bias=(True, True, False),
             norm=(False, False, True), act=(self.act, self.act, None),
         )(x, train)
