@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from evit_jax.models.attention_kernels import attention_spec_string
 from evit_jax.models.backbone import EfficientViTBackbone, EfficientViTLargeBackbone, linear_drop_path_rates
 from evit_jax.models.cls import ClsHead, EfficientViTCls
 from evit_jax.models.layers import LayerConfig
 from evit_jax.models.seg import EfficientViTSeg, SegHead
+from evit_jax.models.v1 import BLOCK_DESIGNS, EfficientViTV1Backbone, FusionSegHead
 
 B_BACKBONES = {
     "b0": dict(widths=(8, 16, 32, 64, 128), depths=(1, 2, 2, 2, 2), dim=16),
@@ -64,6 +66,7 @@ class ModelSpec:
     variant: str  # "b0" ... "l3"
     num_classes: int | None = None
     dataset: str | None = None  # segmentation only
+    design: str = "v2"  # "v2": released code; "v1": paper-v1 blocks (evit_jax.models.v1, no official weights)
 
     @property
     def family(self) -> str:
@@ -83,6 +86,14 @@ def _build_registry() -> dict[str, ModelSpec]:
     for v, dataset in SEG_HEADS:
         name = f"efficientvit_seg_{v}_{dataset}"
         specs[name] = ModelSpec(name, "segmentation", v, SEG_NUM_CLASSES[dataset], dataset)
+    # Paper-v1 designs of the B family: efficientvit_v1_b1, efficientvit_backbone_v1_b1, efficientvit_seg_v1_b1_ade20k.
+    for v in B_BACKBONES:
+        specs[f"efficientvit_backbone_v1_{v}"] = ModelSpec(f"efficientvit_backbone_v1_{v}", "backbone", v, design="v1")
+        specs[f"efficientvit_v1_{v}"] = ModelSpec(f"efficientvit_v1_{v}", "classification", v, 1000, design="v1")
+    for v, dataset in SEG_HEADS:
+        if v in B_BACKBONES:
+            name = f"efficientvit_seg_v1_{v}_{dataset}"
+            specs[name] = ModelSpec(name, "segmentation", v, SEG_NUM_CLASSES[dataset], dataset, design="v1")
     return specs
 
 
@@ -108,7 +119,12 @@ def get_model_spec(name: str) -> ModelSpec:
     return MODEL_SPECS[key]
 
 
-def _build_backbone(variant: str, cfg: LayerConfig, drop_path_rates: tuple[float, ...], **attention_kw) -> nn.Module:
+def _build_backbone(variant: str, cfg: LayerConfig, drop_path_rates: tuple[float, ...], design: str = "v2",
+                    **attention_kw) -> nn.Module:
+    if design == "v1":
+        b = B_BACKBONES[variant]
+        return EfficientViTV1Backbone(b["widths"], b["depths"], cfg, dim=b["dim"], drop_path_rates=drop_path_rates,
+                                      **attention_kw)
     if variant in B_BACKBONES:
         return EfficientViTBackbone(cfg=cfg, act=FAMILY_ACT["b"], drop_path_rates=drop_path_rates,
                                     **B_BACKBONES[variant], **attention_kw)
@@ -142,6 +158,9 @@ def create_model(
     dropout: float = 0.0,
     conv_impl: str = "auto",
     zero_last_gamma: bool = True,
+    attention_options: Mapping[str, Any] | None = None,
+    scales: Sequence[int] | None = None,
+    block_design: str | None = None,
 ) -> nn.Module:
     """Build an EfficientViT model by name (see `list_models()`).
 
@@ -151,11 +170,22 @@ def create_model(
     drop_path_rate / drop_path_skip: official stochastic depth on identity-residual blocks, linearly
       increasing with depth, the first `drop_path_skip` blocks exempt.
     conv_impl: "auto" (fast CPU formulations on CPU, lax.conv elsewhere), "lax" or "fast".
+    attention / attention_options / scales: the global-context kernel of every EfficientViT block, by name or
+      spec string ("softmax", "focused(power=2)"), its options, and the multi-scale aggregation kernel sizes
+      (None: the architecture's own); see evit_jax/models/attention_kernels.py and docs/ablation.md.
+    block_design: "v2" (released code) or "v1" (paper-v1 blocks, B family only, evit_jax/models/v1.py);
+      None: the name's own (`efficientvit_v1_b1` is v1).
     """
     spec = get_model_spec(name)
     if numerics not in ("official", "timm"):
         raise ValueError(f"numerics must be 'official' or 'timm', got {numerics!r}")
     timm = numerics == "timm"
+    design = spec.design if block_design is None else block_design
+    if design not in BLOCK_DESIGNS:
+        raise ValueError(f"block_design must be one of {BLOCK_DESIGNS}, got {block_design!r}")
+    if design == "v1" and spec.family != "b":
+        raise ValueError(f"block_design='v1' exists only for the B family (b0..b3), not {spec.name}")
+    attention = attention_spec_string(attention, attention_options, None if scales is None else tuple(scales))
     if timm and spec.task == "segmentation":
         raise ValueError("timm has no EfficientViT segmentation models; use numerics='official'")
     cfg = LayerConfig(dtype=dtype, param_dtype=param_dtype, bn_eps=bn_eps or FAMILY_BN_EPS[spec.family],
@@ -166,7 +196,7 @@ def create_model(
         quadratic_fallback=(not timm) if quadratic_fallback is None else quadratic_fallback,
     )
     rates = linear_drop_path_rates(_num_identity_blocks(spec), drop_path_rate, drop_path_skip) if drop_path_rate else ()
-    backbone = _build_backbone(spec.variant, cfg, rates, **attention_kw)
+    backbone = _build_backbone(spec.variant, cfg, rates, design, **attention_kw)
     if spec.task == "backbone":
         if num_classes is not None:
             raise ValueError(f"{spec.name} is a backbone and has no classes")
@@ -178,6 +208,11 @@ def create_model(
                        in_conv_bn_eps=1e-5 if timm and spec.family == "l" else None)
         return EfficientViTCls(backbone, head)
     n_backbone = len(rates) - SEG_HEADS[(spec.variant, spec.dataset)]["head_depth"] if rates else 0
+    if design == "v1":
+        seg = SEG_HEADS[(spec.variant, spec.dataset)]
+        head = FusionSegHead(n_classes, cfg, head_width=seg["head_width"], head_depth=seg["head_depth"],
+                             final_expand=seg["final_expand"], dropout=dropout, drop_path_rates=rates[n_backbone:])
+        return EfficientViTSeg(backbone, head)
     head = SegHead(n_classes, cfg, act=act, dropout=dropout, drop_path_rates=rates[n_backbone:],
                    **SEG_HEADS[(spec.variant, spec.dataset)])
     return EfficientViTSeg(backbone, head)
