@@ -24,6 +24,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.drop_path_rate = 0.0       # stochastic depth of identity-residual blocks (linear in depth)
     c.model.drop_path_skip = 0         # first blocks without stochastic depth (official: L1 2, L2/L3 3)
     c.model.dtype = "float32"          # compute dtype ("float32" | "bfloat16"); params stay float32
+    c.model.conv_impl = "auto"         # create_model conv_impl: "auto" (fast CPU formulation on CPU), "lax", "fast"
     c.model.num_classes = -1           # -1: the dataset's number of classes
 
     c.data = ml_collections.ConfigDict()
@@ -82,4 +83,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval_ema = True                  # also evaluate the EMA weights
     c.transfer_guard = True            # disallow implicit host<->device transfers in the loop
     c.tensorboard = True
+    # Locked: a config file assigning a key that does not exist here is an error.
+    c.lock()
     return c

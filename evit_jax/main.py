@@ -29,9 +29,15 @@ _LOCAL_DEVICES = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _quiet_orbax(record) -> bool:
+    # Orbax logs every save step at INFO; keep its warnings and errors only.
+    return record.levelno >= 30 or "/orbax/" not in record.pathname  # 30: std logging.WARNING
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_logger().addFilter(_quiet_orbax)
     # Imported here so that flags are parsed (and config errors raised) before jax starts.
     import jax
 

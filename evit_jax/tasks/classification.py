@@ -163,7 +163,8 @@ class ClassificationTask(Task):
         m = self.config.model
         return create_model(m.name, num_classes=self.num_classes, dtype=jnp.dtype(m.dtype),
                             param_dtype=jnp.float32, attention=m.attention,
-                            drop_path_rate=m.drop_path_rate, drop_path_skip=m.drop_path_skip)
+                            drop_path_rate=m.drop_path_rate, drop_path_skip=m.drop_path_skip,
+                            conv_impl=m.conv_impl)
 
     def num_train_examples(self) -> int:
         d = self.config.data

@@ -79,7 +79,7 @@ def create_optimizer(optim_config: Any, schedule: optax.Schedule, params: Any) -
 def ema_decay(num_updates: jax.Array, decay: float, warmup_steps: float) -> jax.Array:
     """0.9998 * (1 - exp(-t / 2000)) in the official recipe; t = optimizer updates done."""
     t = jnp.asarray(num_updates, jnp.float32)
-    return decay * (1.0 - jnp.exp(-t / warmup_steps))
+    return decay * -jnp.expm1(-t / warmup_steps)  # 1 - exp(-x) without float32 cancellation
 
 
 def ema_update(ema_tree: Any, new_tree: Any, decay: jax.Array) -> Any:

@@ -1,0 +1,134 @@
+"""Test scaffolding for the training system: a tiny stand-in classifier (compiles in about a
+second, unlike EfficientViT) and helpers to run `evit_jax.main` in subprocesses.
+
+The tiny model is reachable under the name ``tiny_test_cnn`` once :func:`register_tiny_model`
+has run (tests/_train_main.py does it in subprocesses). Its classifier lives at
+``head/op_list_3/linear`` like EfficientViT's ClsHead, and it has BatchNorm ("norm") and
+dropout, so every code path of the loop (batch stats, EMA, weight-decay mask, dropout rng)
+is exercised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "tiny_test_cnn"
+
+
+def _tiny_module():
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    class _Linear(nn.Module):
+        features: int
+        dtype: Any = jnp.float32
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(self.features, dtype=self.dtype, name="linear")(x)
+
+    class _Head(nn.Module):
+        num_classes: int
+        dtype: Any = jnp.float32
+
+        @nn.compact
+        def __call__(self, x, train):
+            x = nn.Dropout(0.1, deterministic=not train)(x)
+            return _Linear(self.num_classes, self.dtype, name="op_list_3")(x)
+
+    class TinyClassifier(nn.Module):
+        num_classes: int = 10
+        dtype: Any = jnp.float32
+
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            for i, width in enumerate((8, 16)):
+                x = nn.Conv(width, (3, 3), strides=2, use_bias=False, dtype=self.dtype, name=f"conv{i}")(x)
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                 dtype=self.dtype, name=f"norm{i}")(x)
+                x = nn.relu(x)
+            x = x.mean(axis=(1, 2))
+            return _Head(self.num_classes, self.dtype, name="head")(x, train).astype(jnp.float32)
+
+    return TinyClassifier
+
+
+def register_tiny_model() -> None:
+    """Makes the classification task accept model name ``tiny_test_cnn``."""
+    from evit_jax.tasks import classification
+
+    if getattr(classification, "_tiny_registered", False):
+        return
+    real_create, real_spec = classification.create_model, classification.get_model_spec
+    tiny_cls = _tiny_module()
+
+    def create_model(name, *, num_classes=None, dtype=None, **kwargs):
+        if name == TINY:
+            return tiny_cls(num_classes=num_classes or 10, dtype=dtype)
+        return real_create(name, num_classes=num_classes, dtype=dtype, **kwargs)
+
+    def get_model_spec(name):
+        if name == TINY:
+            return types.SimpleNamespace(name=TINY, task="classification", num_classes=10, family="tiny")
+        return real_spec(name)
+
+    classification.create_model = create_model
+    classification.get_model_spec = get_model_spec
+    classification._tiny_registered = True
+
+
+def env_for(devices: int = 1, **extra: str) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def main_command(workdir: str, data_dir: str, *overrides: str, config: str = "configs/demo.py:smoke",
+                 tiny: bool = True) -> list[str]:
+    module = "tests._train_main" if tiny else "evit_jax.main"
+    args = [sys.executable, "-m", module, f"--config={config}", f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}"]
+    if tiny:
+        args.append(f"--config.model.name={TINY}")
+    return args + list(overrides)
+
+
+def run_main(workdir: str, data_dir: str, *overrides: str, devices: int = 1, tiny: bool = True,
+             config: str = "configs/demo.py:smoke", timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(main_command(workdir, data_dir, *overrides, config=config, tiny=tiny),
+                          cwd=REPO, env=env_for(devices), capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(workdir: str) -> dict[int, dict]:
+    """metrics.jsonl as {step: merged metrics}, later lines winning (a resumed run re-logs)."""
+    out: dict[int, dict] = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            out.setdefault(record["step"], {}).update(record)
+    return out
+
+
+def restore_raw_state(workdir: str, step: int | None = None) -> dict:
+    """The saved TrainState of a workdir as numpy arrays (no target shardings needed)."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    with ocp.CheckpointManager(directory) as manager:
+        step = manager.latest_step() if step is None else step
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return restored["state"]
+
+
+def last_error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    return lines[-1] if lines else ""
