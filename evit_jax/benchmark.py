@@ -1,0 +1,324 @@
+"""Forward-pass benchmark of the EfficientViT models: params, MACs, compile time, images/s, MFU, vs timm.
+
+    python -m evit_jax.benchmark --model efficientvit_b1 --batch 16 --res 224 --compare-timm
+    python -m evit_jax.benchmark --model efficientvit_seg_b0_cityscapes --batch 1 --res 1024x2048
+    python -m evit_jax.benchmark --all          # README table: params and GMACs of every model vs the papers
+
+MACs are the exact analytic count of evit_jax.flops (convs, linears and attention matmuls, the papers'
+convention); XLA's own estimate (`compiled.cost_analysis()` flops / 2, which also counts elementwise ops)
+is printed beside it. Images/s is the median over `--iters` timed calls of the jitted eval-mode forward
+(`block_until_ready` each call) after warm-up; the batch is split over all local devices. MFU = 2 x MACs x
+images/s / peak. With `--compare-timm` the same-named timm model runs in the same process, eager,
+`torch.inference_mode()`, channels_last, same batch/resolution/dtype/thread count, its calls interleaved
+with the JAX calls so that both see the same machine load.
+
+`--sweep-resolution ...` hands the command line to evit_jax.cost_sweep (attention cost vs resolution).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from evit_jax import flops
+from evit_jax.models import create_model, get_model_spec, list_models
+
+# Peak dense matmul throughput in TFLOP/s used for MFU, by device kind substring (lower case) and dtype.
+# CPU: a large float32 matmul measured on the project's 2-core x86 development machine (jax_stack.md);
+# it has no faster bfloat16 matmul, so the same figure is used for bfloat16.
+CPU_PEAK_TFLOPS = 0.38
+ACCELERATOR_PEAK_TFLOPS = {
+    # (device-kind substring, bfloat16 peak, float32 peak); float32 on GPUs is TF32 tensor-core dense.
+    "h200": (989.0, 494.0),
+    "h100": (989.0, 494.0),
+    "a100": (312.0, 156.0),
+    "l4": (121.0, 60.0),
+    "v100": (125.0, 15.7),
+    "tpu v6": (918.0, 918.0),
+    "tpu v5p": (459.0, 459.0),
+    "tpu v5 lite": (197.0, 197.0),
+    "tpu v5e": (197.0, 197.0),
+    "tpu v4": (275.0, 275.0),
+}
+
+# Published figures (official READMEs / efficientvit.md sections 1, 2 and 5): model -> (params M, GMACs, res).
+PAPER_FIGURES: dict[str, tuple[float | None, float | None, tuple[int, int]]] = {
+    "efficientvit_b0": (3.41, 0.10, (224, 224)),
+    "efficientvit_b1": (9.10, 0.52, (224, 224)),
+    "efficientvit_b2": (24.33, 1.6, (224, 224)),
+    "efficientvit_b3": (48.65, 3.95, (224, 224)),
+    "efficientvit_l1": (52.65, 5.26, (224, 224)),
+    "efficientvit_l2": (63.71, 6.95, (224, 224)),
+    "efficientvit_l3": (246.04, 27.6, (224, 224)),
+    "efficientvit_seg_b0_cityscapes": (0.71, 4.4, (1024, 2048)),
+    "efficientvit_seg_b1_cityscapes": (4.80, 25.0, (1024, 2048)),
+    "efficientvit_seg_b2_cityscapes": (15.32, 74.0, (1024, 2048)),
+    "efficientvit_seg_b3_cityscapes": (39.60, 179.0, (1024, 2048)),
+    "efficientvit_seg_l1_cityscapes": (40.24, 282.0, (1024, 2048)),
+    "efficientvit_seg_l2_cityscapes": (52.61, 396.0, (1024, 2048)),
+    "efficientvit_seg_b1_ade20k": (4.79, 3.1, (512, 512)),
+    "efficientvit_seg_b2_ade20k": (15.29, 9.1, (512, 512)),
+    "efficientvit_seg_b3_ade20k": (39.55, 22.0, (512, 512)),
+    "efficientvit_seg_l1_ade20k": (40.41, 36.0, (512, 512)),
+    "efficientvit_seg_l2_ade20k": (51.46, 45.0, (512, 512)),
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MAC_METHOD = "analytic count of convs, linears and attention matmuls (evit_jax.flops)"
+
+
+def parse_resolution(text: str | int) -> tuple[int, int]:
+    """`224` -> (224, 224); `1024x2048` -> (1024, 2048) (height x width)."""
+    parts = str(text).lower().split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--res must be N or HxW (e.g. 224 or 1024x2048), got {text!r}") from None
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) <= 0:
+        raise ValueError(f"--res must be N or HxW (e.g. 224 or 1024x2048), got {text!r}")
+    return sizes[0], sizes[1]
+
+
+def peak_tflops(device: jax.Device, dtype: str, override: float | None = None) -> tuple[float | None, str]:
+    """(peak TFLOP/s, where the number comes from) for MFU; None when the device kind is unknown."""
+    if override is not None:
+        return override, "--peak-tflops"
+    if device.platform == "cpu":
+        return CPU_PEAK_TFLOPS, "CPU: 380 GFLOP/s float32 matmul measured on the 2-core dev machine (jax_stack.md)"
+    kind = device.device_kind.lower()
+    for key, (bf16, f32) in ACCELERATOR_PEAK_TFLOPS.items():
+        if key in kind:
+            value = bf16 if dtype == "bfloat16" else f32
+            return value, f"{device.device_kind} {dtype} dense peak (datasheet)"
+    return None, f"unknown device kind {device.device_kind!r}: pass --peak-tflops for MFU"
+
+
+@dataclasses.dataclass
+class Timing:
+    """Per-call seconds of a benchmarked callable."""
+
+    seconds: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def best(self) -> float:
+        return min(self.seconds)
+
+
+def time_interleaved(calls: dict[str, Callable[[], Any]], iters: int, warmup: int = 2) -> dict[str, Timing]:
+    """Time each callable `iters` times, round-robin, so that they all share the same machine load."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(iters):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: Timing(s) for name, s in seconds.items()}
+
+
+def count_params(params: Any) -> int:
+    return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+
+
+def _timm_forward(name: str, batch: int, height: int, width: int, dtype: str, threads: int) -> Callable[[], Any]:
+    """A zero-argument eager timm forward (inference_mode, channels_last); raises ValueError if unavailable."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import timm  # noqa: PLC0415 - optional, only for --compare-timm
+    import torch  # noqa: PLC0415
+
+    if not timm.is_model(name):
+        raise ValueError(f"timm has no model {name!r}")
+    torch.set_num_threads(threads)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = timm.create_model(name, pretrained=False).eval().to(dtype=torch_dtype, memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, height, width, dtype=torch_dtype).contiguous(memory_format=torch.channels_last)
+
+    def forward():
+        with torch.inference_mode():
+            return model(x)
+
+    return forward
+
+
+def timm_name_for(name: str) -> tuple[str | None, str]:
+    """The timm model of one of ours, or (None, reason)."""
+    spec = get_model_spec(name)
+    if spec.task == "segmentation":
+        return None, "timm has no EfficientViT segmentation models: timm comparison skipped"
+    if spec.task == "backbone":
+        return None, "timm has no EfficientViT backbone-only models: timm comparison skipped"
+    if getattr(spec, "design", "v2") not in ("v2", None):
+        return None, f"timm has no {spec.name}: timm comparison skipped"
+    if spec.variant not in ("b0", "b1", "b2", "b3", "l1", "l2", "l3"):
+        return None, f"timm has no efficientvit_{spec.variant}: timm comparison skipped"
+    return f"efficientvit_{spec.variant}", ""
+
+
+def _local_sharding(batch: int):
+    devices = jax.local_devices()
+    if batch % len(devices):
+        raise ValueError(f"--batch {batch} is not divisible by the {len(devices)} local devices; use a multiple")
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def benchmark(
+    model: str,
+    batch: int = 16,
+    res: tuple[int, int] | int | str = 224,
+    *,
+    dtype: str = "float32",
+    iters: int = 10,
+    warmup: int = 2,
+    compare_timm: bool = False,
+    peak: float | None = None,
+    conv_impl: str = "auto",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Benchmark one model's jitted eval forward; returns the figures it prints."""
+    spec = get_model_spec(model)  # unknown name -> ValueError before any work
+    height, width = parse_resolution(res)
+    if height % 32 or width % 32:
+        raise ValueError(f"resolution {height}x{width}: height and width must be multiples of 32")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if batch < 1 or iters < 1:
+        raise ValueError("--batch and --iters must be >= 1")
+    data_sharding, replicated = _local_sharding(batch)
+    timm_name, timm_skip = timm_name_for(spec.name) if compare_timm else (None, "")
+
+    net = create_model(spec.name, dtype=DTYPES[dtype], conv_impl=conv_impl)
+    x = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (batch, height, width, 3), jnp.float32), data_sharding)
+    init = jax.jit(lambda x: net.init(jax.random.PRNGKey(1), x, train=False), out_shardings=replicated)
+    variables = init(x[:1])
+    params = count_params(variables["params"])
+    macs = flops.count_macs(spec.name, height, width)
+
+    forward = jax.jit(lambda v, x: net.apply(v, x, train=False))
+    start = time.perf_counter()
+    compiled = forward.lower(variables, x).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla_gmacs = float(cost.get("flops", float("nan"))) / 2 / batch / 1e9 if cost else float("nan")
+
+    out = compiled(variables, x)
+    finite = bool(jnp.all(jnp.isfinite(out)))
+    calls = {"jax": lambda: compiled(variables, x).block_until_ready()}
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if timm_name:
+        calls["timm"] = _timm_forward(timm_name, batch, height, width, dtype, threads)
+    timings = time_interleaved(calls, iters, warmup)
+
+    device = jax.local_devices()[0]
+    peak_value, peak_source = peak_tflops(device, dtype, peak)
+    result: dict[str, Any] = dict(
+        model=spec.name, batch=batch, height=height, width=width, dtype=dtype, device=device.device_kind,
+        num_devices=len(jax.local_devices()), params=params, gmacs=macs / 1e9, xla_gmacs=xla_gmacs,
+        compile_s=compile_s, jax_images_per_s=batch / timings["jax"].median,
+        jax_images_per_s_best=batch / timings["jax"].best, output_finite=finite, peak_tflops=peak_value,
+        peak_source=peak_source, iters=iters,
+    )
+    result["mfu"] = (2 * macs * result["jax_images_per_s"] / (peak_value * 1e12)) if peak_value else None
+    if timm_name:
+        result.update(timm_model=timm_name, timm_threads=threads, timm_images_per_s=batch / timings["timm"].median,
+                      timm_images_per_s_best=batch / timings["timm"].best)
+        result["jax_over_timm"] = result["jax_images_per_s"] / result["timm_images_per_s"]
+    _report(result, timm_skip, log)
+    return result
+
+
+def _report(r: dict[str, Any], timm_skip: str, log: Callable[[str], None]) -> None:
+    log(f"model            {r['model']}  batch {r['batch']}  {r['height']}x{r['width']}  {r['dtype']}  "
+        f"on {r['num_devices']} x {r['device']}")
+    log(f"params           {r['params'] / 1e6:.2f} M")
+    log(f"GMACs/image      {r['gmacs']:.3f}  ({MAC_METHOD}); XLA cost_analysis flops/2: {r['xla_gmacs']:.3f}")
+    log(f"compile          {r['compile_s']:.1f} s")
+    log(f"JAX images/s     {r['jax_images_per_s']:.1f} (median of {r['iters']}; best {r['jax_images_per_s_best']:.1f})"
+        f"  output finite: {r['output_finite']}")
+    if r["mfu"] is not None:
+        log(f"MFU              {100 * r['mfu']:.2f}% of {r['peak_tflops']:g} TFLOP/s ({r['peak_source']})")
+    else:
+        log(f"MFU              n/a ({r['peak_source']})")
+    if "timm_images_per_s" in r:
+        log(f"timm images/s    {r['timm_images_per_s']:.1f} (timm {r['timm_model']}, eager, inference_mode, "
+            f"channels_last, {r['timm_threads']} threads; best {r['timm_images_per_s_best']:.1f})")
+        log(f"JAX / timm       {r['jax_over_timm']:.2f}x")
+    elif timm_skip:
+        log(timm_skip)
+
+
+def model_table(names: Sequence[str] | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Params and GMACs of every model (at its paper resolution; 224 px otherwise) beside the published figures,
+    printed as a Markdown table."""
+    rows = []
+    log(f"GMACs: {MAC_METHOD}. Paper figures: official READMEs.")
+    log("")
+    log("| model | input | params (M) | paper params (M) | GMACs | paper GMACs |")
+    log("|---|---|---|---|---|---|")
+    for name in names or list_models():
+        spec = get_model_spec(name)
+        paper_params, paper_macs, (h, w) = PAPER_FIGURES.get(spec.name, (None, None, (224, 224)))
+        net = create_model(spec.name, conv_impl="lax")
+        shapes = jax.eval_shape(lambda x: net.init(jax.random.PRNGKey(0), x, train=False),
+                                jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32))
+        row = dict(model=spec.name, height=h, width=w, params_m=count_params(shapes["params"]) / 1e6,
+                   gmacs=flops.count_macs(spec.name, h, w) / 1e9, paper_params_m=paper_params, paper_gmacs=paper_macs)
+        rows.append(row)
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        log(f"| {spec.name} | {h}x{w} | {row['params_m']:.2f} | {fmt(paper_params, '.2f')} | "
+            f"{_gmacs_str(row['gmacs'])} | {fmt(paper_macs, 'g')} |")
+    return rows
+
+
+def _gmacs_str(g: float) -> str:
+    return f"{g:.3f}" if g < 10 else f"{g:.1f}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m evit_jax.benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="efficientvit_b1", help="model name (see evit_jax.models.list_models())")
+    p.add_argument("--batch", type=int, default=16, help="global batch, split over the local devices")
+    p.add_argument("--res", default="224", help="input size: N or HxW (multiples of 32)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (params stay float32)")
+    p.add_argument("--iters", type=int, default=10, help="timed calls (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    p.add_argument("--compare-timm", action="store_true", help="also time the timm model in the same run")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: by device kind)")
+    p.add_argument("--conv-impl", choices=("auto", "lax", "fast"), default="auto", help="see evit_jax.models.ops")
+    p.add_argument("--all", action="store_true", help="print params and GMACs of every model as a Markdown table")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a.startswith("--sweep-resolution") for a in argv):
+        from evit_jax import cost_sweep  # noqa: PLC0415 - a separate tool sharing this entry point
+
+        return cost_sweep.main(argv)
+    args = build_parser().parse_args(argv)
+    if args.all:
+        return model_table()
+    return benchmark(args.model, args.batch, args.res, dtype=args.dtype, iters=args.iters, warmup=args.warmup,
+                     compare_timm=args.compare_timm, peak=args.peak_tflops, conv_impl=args.conv_impl)
+
+
+if __name__ == "__main__":
+    main()

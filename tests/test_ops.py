@@ -1,0 +1,129 @@
+"""Every fast convolution formulation in evit_jax.models.ops equals lax.conv (values and gradients)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from evit_jax.models import ops
+
+F32_TOL = dict(rtol=1e-5, atol=1e-5)
+BF16_TOL = dict(rtol=5e-2, atol=5e-2)
+
+
+def _inputs(shape_x, shape_k, seed=0, dtype=jnp.float32):
+    kx, kk = jax.random.split(jax.random.PRNGKey(seed))
+    x = jax.random.normal(kx, shape_x, jnp.float32)
+    k = jax.random.normal(kk, shape_k, jnp.float32) / np.sqrt(np.prod(shape_k[:3]))
+    return x.astype(dtype), k.astype(dtype)
+
+
+def _reference(x, k, stride, padding, groups):
+    with jax.default_matmul_precision("highest"):
+        return ops.lax_conv2d(x.astype(jnp.float32), k.astype(jnp.float32), stride, padding, groups)
+
+
+def _fast(x, k, stride, padding, groups):
+    return ops.conv2d(x, k, stride=stride, padding=padding, groups=groups, conv_impl="fast")
+
+
+# (name, x shape, kernel shape, stride, groups): the convolution shapes EfficientViT uses.
+CASES = [
+    *[
+        (f"dw{k}x{k}_s{s}_{n}", (2, n, n + 1, 6), (k, k, 1, 6), s, 6)
+        for k in (3, 5)
+        for s in (1, 2)
+        for n in (7, 8)
+    ],
+    ("pw_dense", (2, 5, 6, 12), (1, 1, 12, 20), 1, 1),
+    # LiteMLA aggregation: groups = 3 * heads, dim channels per group (broadcast path).
+    ("pw_grouped_3heads", (2, 5, 6, 3 * 2 * 4), (1, 1, 4, 3 * 2 * 4), 1, 3 * 2),
+    ("pw_grouped_dim16", (1, 3, 4, 3 * 2 * 16), (1, 1, 16, 3 * 2 * 16), 1, 3 * 2),
+    # Wide groups go through the batched matmul path.
+    ("pw_grouped_wide", (1, 3, 4, 2 * 40), (1, 1, 40, 2 * 24), 1, 2),
+    *[(f"full3x3_s{s}_{n}", (2, n, n, 5), (3, 3, 5, 7), s, 1) for s in (1, 2) for n in (7, 8)],
+    ("stem3x3_s2", (2, 16, 16, 3), (3, 3, 3, 8), 2, 1),
+    ("full1x1_s2", (2, 8, 8, 4), (1, 1, 4, 6), 2, 1),
+]
+
+
+@pytest.mark.parametrize("name,shape_x,shape_k,stride,groups", CASES, ids=[c[0] for c in CASES])
+def test_fast_equals_lax_float32(name, shape_x, shape_k, stride, groups):
+    x, k = _inputs(shape_x, shape_k)
+    padding = shape_k[0] // 2
+    want = _reference(x, k, stride, padding, groups)
+    got = jax.jit(functools.partial(_fast, stride=stride, padding=padding, groups=groups))(x, k)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), **F32_TOL)
+
+
+@pytest.mark.parametrize("name,shape_x,shape_k,stride,groups", CASES, ids=[c[0] for c in CASES])
+def test_fast_equals_lax_bfloat16(name, shape_x, shape_k, stride, groups):
+    x, k = _inputs(shape_x, shape_k, dtype=jnp.bfloat16)
+    padding = shape_k[0] // 2
+    want = _reference(x, k, stride, padding, groups)
+    got = _fast(x, k, stride, padding, groups)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), **BF16_TOL)
+
+
+@pytest.mark.parametrize("name,shape_x,shape_k,stride,groups", CASES, ids=[c[0] for c in CASES])
+def test_fast_gradients_equal_lax(name, shape_x, shape_k, stride, groups):
+    x, k = _inputs(shape_x, shape_k, seed=1)
+    padding = shape_k[0] // 2
+    # A fixed random cotangent so that every output element matters.
+    probe = jax.random.normal(jax.random.PRNGKey(2), _reference(x, k, stride, padding, groups).shape)
+
+    def loss(conv):
+        return lambda x, k: jnp.sum(conv(x, k, stride, padding, groups) * probe)
+
+    with jax.default_matmul_precision("highest"):
+        want = jax.grad(loss(ops.lax_conv2d), argnums=(0, 1))(x, k)
+    got = jax.jit(jax.grad(loss(_fast), argnums=(0, 1)))(x, k)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_channel_order_matches_pytorch():
+    """Grouped 1x1 output channel o belongs to group o // (C_out / groups), as in torch.nn.Conv2d."""
+    torch = pytest.importorskip("torch")
+    groups, c_in_per_group, c_out = 6, 4, 24
+    x, k = _inputs((2, 3, 5, groups * c_in_per_group), (1, 1, c_in_per_group, c_out), seed=3)
+    weight = torch.from_numpy(np.asarray(k).transpose(3, 2, 0, 1).copy())  # HWIO -> OIHW
+    want = torch.nn.functional.conv2d(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()), weight,
+                                      groups=groups)
+    want = want.numpy().transpose(0, 2, 3, 1)
+    for impl in ("lax", "fast"):
+        got = ops.conv2d(x, k, groups=groups, conv_impl=impl)
+        np.testing.assert_allclose(np.asarray(got), want, **F32_TOL)
+
+
+def test_depthwise_stride2_matches_pytorch_padding():
+    """Symmetric k//2 padding with stride 2 on an even size (where 'SAME' would differ)."""
+    torch = pytest.importorskip("torch")
+    x, k = _inputs((1, 8, 8, 4), (3, 3, 1, 4), seed=4)
+    weight = torch.from_numpy(np.asarray(k).transpose(3, 2, 0, 1).copy())
+    want = torch.nn.functional.conv2d(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()), weight,
+                                      stride=2, padding=1, groups=4).numpy().transpose(0, 2, 3, 1)
+    got = ops.conv2d(x, k, stride=2, padding=1, groups=4, conv_impl="fast")
+    np.testing.assert_allclose(np.asarray(got), want, **F32_TOL)
+
+
+def test_auto_picks_fast_path_on_cpu_and_lax_elsewhere(monkeypatch):
+    assert ops.use_fast_path("fast") and not ops.use_fast_path("lax")
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert ops.use_fast_path("auto")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not ops.use_fast_path("auto")
+
+
+def test_bad_arguments_raise_one_clear_error():
+    x, k = _inputs((1, 4, 4, 6), (3, 3, 1, 6))
+    with pytest.raises(ValueError, match="conv_impl"):
+        ops.conv2d(x, k, groups=6, conv_impl="cuda")
+    with pytest.raises(ValueError, match="channels"):
+        ops.conv2d(x, k, groups=3)
