@@ -1,0 +1,278 @@
+"""Predict with an EfficientViT model on image files.
+
+    python -m evit_jax.predict --model efficientvit_seg_b1_cityscapes \
+        --checkpoint efficientvit_seg_b1_cityscapes.pt street.jpg --out street_mask.png
+    python -m evit_jax.predict --model efficientvit_b1 --checkpoint efficientvit_b1_r224.pt cat.jpg
+    python -m evit_jax.predict --model efficientvit_seg_b0_cityscapes --checkpoint /tmp/evit_seg_demo scene.png
+
+--checkpoint is an official/timm PyTorch file (.pt/.pth/.safetensors), a directory written by
+``evit_jax.convert.save_variables``, or a training workdir of ``evit_jax.main`` (its latest
+checkpoint; ``--ema`` takes the EMA weights).
+
+Segmentation models write a class-colour mask (``--out``, default ``<image>_mask.png``) and an
+overlay on the image (``<out>_overlay.png``), both at the input's size, and print the share of
+each predicted class. The image is resized (bicubic, as the official evaluation) so that its
+short side is ``--short_side`` (default: 1024 for Cityscapes models, 512 for ADE20K, the
+training eval size for a workdir) and both sides are multiples of 32; the logits are resized
+back to the input's size with the PyTorch-equivalent bicubic before the argmax.
+Classification models print the top-5 classes (names when the workdir's dataset has them,
+indices otherwise) after the official resize + centre crop (``--image_size``, ``--crop_ratio``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+# Cityscapes train-id colours (the dataset's own colour coding).
+CITYSCAPES_PALETTE = np.array([
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)], np.uint8)
+
+
+class PredictError(Exception):
+    """A user error reported as one line."""
+
+
+def generated_palette(num_classes: int) -> np.ndarray:
+    """Distinct colours by spreading the bits of the class index over R, G and B (the classic
+    PASCAL VOC construction): class 0 is black, neighbours differ strongly."""
+    palette = np.zeros((num_classes, 3), np.uint8)
+    for c in range(num_classes):
+        value, r, g, b = c, 0, 0, 0
+        for bit in range(8):
+            r |= ((value >> 0) & 1) << (7 - bit)
+            g |= ((value >> 1) & 1) << (7 - bit)
+            b |= ((value >> 2) & 1) << (7 - bit)
+            value >>= 3
+        palette[c] = (r, g, b)
+    return palette
+
+
+def palette_for(dataset: str | None, num_classes: int) -> np.ndarray:
+    if dataset == "cityscapes" and num_classes == len(CITYSCAPES_PALETTE):
+        return CITYSCAPES_PALETTE
+    return generated_palette(num_classes)
+
+
+def seg_input_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """Model input size: short side -> ``short_side`` (aspect kept, the long side rounded UP to
+    a multiple of 32, as the official ADE20K evaluation); ``short_side`` <= 0 keeps the size,
+    rounded to the nearest multiple of 32 (at least 32)."""
+    if short_side <= 0:
+        return max(32, int(round(height / 32)) * 32), max(32, int(round(width / 32)) * 32)
+    if short_side % 32:
+        raise PredictError(f"--short_side={short_side} is not a multiple of 32.")
+    if height <= width:
+        return short_side, math.ceil(width / height * short_side / 32) * 32
+    return math.ceil(height / width * short_side / 32) * 32, short_side
+
+
+# ---------------------------------------------------------------------------- weights
+def _workdir_variables(workdir: Path, model_name: str, use_ema: bool) -> tuple[dict, dict]:
+    """(variables, run config) of the latest checkpoint of an evit_jax.main workdir."""
+    import orbax.checkpoint as ocp
+
+    from evit_jax.train import checkpoint as ckpt_lib
+
+    info = ckpt_lib.read_run_info(str(workdir))
+    if info.get("model") != model_name:
+        raise PredictError(f"workdir {workdir} holds a {info.get('model')!r} run, not {model_name!r}; "
+                           f"pass --model {info.get('model')}.")
+    step = ckpt_lib.latest_complete_step(str(workdir))
+    if step is None:
+        raise PredictError(f"workdir {workdir} has no finished checkpoint yet.")
+    state = ocp.StandardCheckpointer().restore(os.path.join(ckpt_lib.checkpoint_dir(str(workdir)), str(step), "state"))
+    prefix = "ema_" if use_ema else ""
+    variables = {"params": state[f"{prefix}params"], "batch_stats": state.get(f"{prefix}batch_stats", {})}
+    return variables, info.get("config", {})
+
+
+def load_weights(checkpoint: str, model_name: str, use_ema: bool) -> tuple[dict, dict]:
+    """(variables, run config or {}) from any supported checkpoint path."""
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise PredictError(f"--checkpoint {checkpoint} does not exist (give a .pt/.pth/.safetensors file, a "
+                           "converted directory or a training workdir).")
+    if path.is_dir() and (path / "run_info.json").exists():
+        return _workdir_variables(path, model_name, use_ema)
+    from evit_jax.convert import load_variables
+
+    return load_variables(str(path), model_name, use_ema=use_ema), {}
+
+
+def infer_num_classes(task: str, params: dict) -> int:
+    """Number of classes of the final layer in ``params``."""
+    head = params["head"]
+    if task == "classification":
+        return int(np.shape(head["op_list_3"]["linear"]["bias"])[0])
+    finals = sorted(k for k in head if k.startswith("output_ops_0_op_list_") and "bias" in head[k].get("conv", {}))
+    return int(np.shape(head[finals[-1]]["conv"]["bias"])[0])
+
+
+def class_names_for(spec, num_classes: int, run_config: dict) -> list[str] | None:
+    """Class names when known: the official datasets' names, or the workdir's dataset ones."""
+    names = None
+    if spec.dataset in ("cityscapes", "ade20k") and not run_config:
+        module = __import__(f"evit_jax.data.{spec.dataset}", fromlist=["CLASS_NAMES"])
+        names = list(module.CLASS_NAMES)
+    elif run_config.get("data", {}).get("name"):
+        from evit_jax.data import sources
+        data = run_config["data"]
+        try:
+            info = sources.get_info(data["name"], os.path.expanduser(data.get("data_dir", "~/tensorflow_datasets")))
+            names = list(info.class_names) if info.class_names else None
+        except (FileNotFoundError, ValueError):
+            names = None
+    return names if names is not None and len(names) == num_classes else None
+
+
+# ---------------------------------------------------------------------------- predict
+def predict_segmentation(model, variables, image: np.ndarray, short_side: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> int32 (H, W) class ids at the input's size."""
+    import jax
+    import jax.numpy as jnp
+
+    from evit_jax.data import seg_transforms
+    from evit_jax.tasks.classification import normalize_images
+    from evit_jax.tasks.segmentation import upsampled_argmax
+
+    h, w = image.shape[:2]
+    size = seg_input_size(h, w, short_side)
+    resized = seg_transforms.resize_image(image, size, "bicubic")
+
+    @jax.jit
+    def run(variables, x):
+        logits = model.apply(variables, normalize_images(x), train=False)
+        return upsampled_argmax(logits, jnp.array([size], jnp.int32), jnp.array([[h, w]], jnp.int32), (h, w))
+
+    return np.asarray(run(variables, resized[None]))[0]
+
+
+def predict_classification(model, variables, image: np.ndarray, image_size: int, crop_ratio: float) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 (num_classes,) softmax probabilities."""
+    import jax
+
+    from evit_jax.data import transforms
+    from evit_jax.tasks.classification import normalize_images
+
+    x = transforms.resize_center_crop(image, image_size, crop_ratio)
+    logits = jax.jit(lambda v, x: model.apply(v, normalize_images(x), train=False))(variables, x[None])
+    return np.asarray(jax.nn.softmax(logits[0].astype("float32")))
+
+
+def colour_mask(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    return palette[np.clip(mask, 0, len(palette) - 1)]
+
+
+def overlay(image: np.ndarray, colours: np.ndarray, opacity: float = 0.5) -> np.ndarray:
+    return np.clip(colours * opacity + image * (1 - opacity), 0, 255).astype(np.uint8)
+
+
+def _output_paths(image_path: Path, out: str | None) -> tuple[Path, Path]:
+    mask_path = Path(out) if out else image_path.with_name(f"{image_path.stem}_mask.png")
+    return mask_path, mask_path.with_name(f"{mask_path.stem}_overlay{mask_path.suffix or '.png'}")
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as pil:
+            return np.asarray(pil.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise PredictError(f"cannot read image {path}: {e}") from None
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m evit_jax.predict", description=__doc__.split("\n")[0])
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--model", required=True, help="model name (evit_jax.models.list_models())")
+    parser.add_argument("--checkpoint", required=True, help=".pt/.pth/.safetensors, converted dir or workdir")
+    parser.add_argument("--out", default=None, help="segmentation: mask path (one image only)")
+    parser.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
+    parser.add_argument("--short_side", type=int, default=None,
+                        help="segmentation input short side (multiple of 32; 0 keeps the size)")
+    parser.add_argument("--image_size", type=int, default=None, help="classification crop size")
+    parser.add_argument("--crop_ratio", type=float, default=None, help="classification crop ratio")
+    parser.add_argument("--top_k", type=int, default=5)
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (PredictError, ValueError, FileNotFoundError) as e:
+        print(f"evit_jax.predict: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from evit_jax.models import create_model, get_model_spec
+
+    spec = get_model_spec(args.model)  # ValueError with close matches
+    if spec.task == "backbone":
+        raise PredictError(f"{spec.name} is a bare backbone; use a classification or segmentation model.")
+    images = [Path(p) for p in args.images]
+    for p in images:
+        if not p.is_file():
+            raise PredictError(f"image {p} does not exist.")
+    if args.out and len(images) > 1:
+        raise PredictError("--out names one mask; pass a single image or drop --out.")
+    if args.out and spec.task != "segmentation":
+        raise PredictError("--out is for segmentation models; classification prints its top classes.")
+    if args.short_side is not None and args.short_side > 0 and args.short_side % 32:
+        raise PredictError(f"--short_side={args.short_side} is not a multiple of 32.")
+
+    variables, run_config = load_weights(args.checkpoint, spec.name, args.ema)
+    num_classes = infer_num_classes(spec.task, variables["params"])
+    model = create_model(spec.name, num_classes=num_classes)
+    names = class_names_for(spec, num_classes, run_config)
+    data_cfg = run_config.get("data", {})
+
+    if spec.task == "segmentation":
+        if args.short_side is not None:
+            short_side = args.short_side
+        elif data_cfg:
+            short_side = 0 if data_cfg.get("eval_protocol") == "none" else int(data_cfg.get("eval_crop_size", 0))
+        else:
+            short_side = {"cityscapes": 1024, "ade20k": 512}.get(spec.dataset, 0)
+        palette = palette_for(spec.dataset if not data_cfg else data_cfg.get("name"), num_classes)
+        from PIL import Image
+        for path in images:
+            image = _read_image(path)
+            mask = predict_segmentation(model, variables, image, short_side)
+            colours = colour_mask(mask, palette)
+            mask_path, overlay_path = _output_paths(path, args.out)
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(colours).save(mask_path)
+            Image.fromarray(overlay(image, colours)).save(overlay_path)
+            ids, counts = np.unique(mask, return_counts=True)
+            share = ", ".join(f"{names[i] if names else i}: {100 * c / mask.size:.1f}%"
+                              for i, c in sorted(zip(ids, counts), key=lambda t: -t[1]))
+            print(f"{path}: {mask.shape[0]}x{mask.shape[1]} -> {mask_path}, {overlay_path} ({share})")
+    else:
+        image_size = args.image_size or int(data_cfg.get("eval_image_size", 224))
+        crop_ratio = args.crop_ratio or float(data_cfg.get("eval_crop_ratio", 0.95 if spec.variant == "b1" else 1.0))
+        k = max(1, min(args.top_k, num_classes))
+        for path in images:
+            probs = predict_classification(model, variables, _read_image(path), image_size, crop_ratio)
+            top = np.argsort(-probs)[:k]
+            print(f"{path}:")
+            for rank, c in enumerate(top, 1):
+                label = f"{c} {names[c]}" if names else f"{c}"
+                print(f"  {rank}. class {label}  p={probs[c]:.4f}")
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""evit_jax.predict: outputs at the input's size for odd sizes (seg and cls models with random
+weights written by the converter), palettes, and one-line errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from evit_jax import predict
+from evit_jax.convert import flax_to_torch, save_variables, write_torch_checkpoint
+from evit_jax.models import create_model
+
+
+@pytest.fixture(scope="module")
+def odd_image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "odd.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def seg_checkpoint(tmp_path_factory):
+    variables = create_model("efficientvit_seg_b0_cityscapes").init(
+        jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+    return save_variables(variables, tmp_path_factory.mktemp("ckpt") / "seg_b0", "efficientvit_seg_b0_cityscapes")
+
+
+@pytest.fixture(scope="module")
+def cls_checkpoint(tmp_path_factory):
+    variables = create_model("efficientvit_b0").init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+    path = tmp_path_factory.mktemp("ckpt") / "b0.pt"
+    return write_torch_checkpoint(flax_to_torch(variables, "efficientvit_b0"), path)
+
+
+@pytest.mark.parametrize("short_side", [0, 64])
+def test_segmentation_writes_mask_and_overlay_at_the_input_size(odd_image, seg_checkpoint, tmp_path, capsys,
+                                                               short_side):
+    out = tmp_path / "mask.png"
+    rc = predict.run(["--model", "efficientvit-seg-b0-cityscapes", "--checkpoint", str(seg_checkpoint),
+                      "--short_side", str(short_side), "--out", str(out), str(odd_image)])
+    assert rc == 0
+    mask = np.asarray(Image.open(out))
+    overlay = np.asarray(Image.open(tmp_path / "mask_overlay.png"))
+    assert mask.shape == (37, 53, 3) and overlay.shape == (37, 53, 3)
+    palette = {tuple(c) for c in predict.CITYSCAPES_PALETTE}
+    assert {tuple(c) for c in mask.reshape(-1, 3)} <= palette      # every pixel is a class colour
+    printed = capsys.readouterr().out
+    assert "37x53" in printed and "%" in printed
+
+
+def test_classification_prints_top5(odd_image, cls_checkpoint, capsys):
+    rc = predict.run(["--model", "efficientvit_b0", "--checkpoint", str(cls_checkpoint),
+                      "--image_size", "64", str(odd_image)])
+    assert rc == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if "class" in l]
+    assert len(lines) == 5
+    probs = [float(l.split("p=")[1]) for l in lines]
+    assert probs == sorted(probs, reverse=True) and all(0 <= p <= 1 for p in probs)
+
+
+def test_input_size_rules():
+    assert predict.seg_input_size(37, 53, 0) == (32, 64)
+    assert predict.seg_input_size(512, 683, 512) == (512, 704)     # official ADE20K rule
+    assert predict.seg_input_size(683, 512, 512) == (704, 512)
+    assert predict.seg_input_size(1024, 2048, 1024) == (1024, 2048)
+    assert predict.seg_input_size(10, 10, 0) == (32, 32)
+
+
+def test_generated_palette_is_distinct():
+    palette = predict.generated_palette(150)
+    assert len({tuple(c) for c in palette}) == 150
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "efficientvit_b9", "--checkpoint", "x.pt"], "unknown model"),
+    (["--model", "efficientvit_b0", "--checkpoint", "/nonexistent/x.pt"], "does not exist"),
+    (["--model", "efficientvit_backbone_b0", "--checkpoint", "x.pt"], "backbone"),
+])
+def test_errors_are_one_line(odd_image, capsys, args, message):
+    rc = predict.run(args + [str(odd_image)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_missing_image_is_reported_before_loading(cls_checkpoint, capsys, tmp_path):
+    rc = predict.run(["--model", "efficientvit_b0", "--checkpoint", str(cls_checkpoint), str(tmp_path / "no.jpg")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not exist" in err
