@@ -83,6 +83,12 @@ def test_bad_names_and_splits(data_dir):
         sources.get_source(TINY, "validation", data_dir)
 
 
+def test_home_relative_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert len(sources.get_source(TINY, "test", "~/datasets")) == 70
+    assert (tmp_path / "datasets" / "evit_shapes" / "tiny" / "1.0.0").is_dir()
+
+
 def test_split_slicing(data_dir):
     assert len(sources.get_source(TINY, "train[:10%]", data_dir)) == 30
 

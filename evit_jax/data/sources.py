@@ -99,6 +99,11 @@ def _is_remote(path: str) -> bool:
     return "://" in os.fspath(path)
 
 
+def _normalise_dir(data_dir: str | os.PathLike) -> str:
+    data_dir = os.fspath(data_dir)
+    return data_dir if _is_remote(data_dir) else os.path.expanduser(data_dir)
+
+
 def _make_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     base, config = _split_name(name)
     entry = _REGISTRY[base]
@@ -161,7 +166,7 @@ def prepare(name: str, data_dir: str,
     Raises FileNotFoundError (one line, with the command to run) for a missing real
     dataset, and ValueError for an unknown name or config.
     """
-    data_dir = os.fspath(data_dir)
+    data_dir = _normalise_dir(data_dir)
     base, _ = _split_name(name)
     entry = _REGISTRY[base]
     try:
@@ -195,7 +200,7 @@ def get_source(name: str, split: str, data_dir: str) -> Sequence[dict[str, Any]]
     The source has `len()` and `source[i]` -> dict of decoded numpy features (images
     uint8 HWC). `split` accepts tfds slicing (`"train[:90%]"`).
     """
-    data_dir = os.fspath(data_dir)
+    data_dir = _normalise_dir(data_dir)
     builder = prepare(name, data_dir)
     _check_random_access(builder, name, data_dir)
     base_split = split.split("[")[0]
@@ -220,7 +225,7 @@ def get_info(name: str, data_dir: str) -> DatasetInfo:
     Built-in datasets are generated if needed (split sizes are known only once built);
     a missing real dataset raises FileNotFoundError like `get_source`.
     """
-    data_dir = os.fspath(data_dir)
+    data_dir = _normalise_dir(data_dir)
     base, _ = _split_name(name)
     entry = _REGISTRY[base]
     builder = prepare(name, data_dir)
