@@ -207,3 +207,13 @@ def test_global_eval_batches_across_devices_and_processes(process_count):
         assert proc.returncode == 0, err[-3000:]
         result = [line for line in out.splitlines() if line.startswith("RESULT")][-1]
         assert result.split()[1:] == ["37", str(sum(range(37))), str(2 * process_count)]
+
+
+def test_benchmark_command_runs(tmp_path, capsys):
+    pipeline._main(["--bench", "--dataset", "evit_shapes/tiny", "--data_dir", str(tmp_path),
+                    "--image_sizes", "16,24", "--workers", "0", "--batch_size", "8",
+                    "--num_batches", "2"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "images/s" in line]
+    assert len(lines) == 2 and "@24px" in lines[1] and "CPU-ms/image" in lines[0]
+    with pytest.raises(SystemExit):
+        pipeline._main(["--data_dir", str(tmp_path)])  # Nothing asked for.
