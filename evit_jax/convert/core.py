@@ -59,7 +59,8 @@ def _resolve(model_name: str, num_classes: int | None) -> tuple[str, int | None]
 
 @functools.lru_cache(maxsize=None)
 def _abstract_variables(name: str, num_classes: int | None) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
-    model = create_model(name, num_classes=num_classes)
+    # Shapes do not depend on the conv implementation; lax.conv is the cheapest to trace.
+    model = create_model(name, num_classes=num_classes, conv_impl="lax")
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
     return traverse_util.flatten_dict(dict(shapes))
 
@@ -164,8 +165,11 @@ def extract_state_dict(checkpoint: Any, use_ema: bool = False) -> dict[str, np.n
 
 
 def _strip_backbone_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
-    if state_dict and all(k.startswith("backbone.") for k in state_dict):
-        return {k[len("backbone."):]: v for k, v in state_dict.items()}
+    """Keys of a backbone as the backbone module names them: `backbone.` dropped when most keys carry it
+    (a whole-model checkpoint keeps its other keys, which then show up as unexpected)."""
+    prefixed = sum(k.startswith("backbone.") for k in state_dict)
+    if state_dict and prefixed * 2 >= len(state_dict):
+        return {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in state_dict.items()}
     return state_dict
 
 
@@ -265,11 +269,13 @@ def _agreement(state_dict: Mapping[str, Any], table: tuple[Entry, ...]) -> float
     return matched / max(len(state_dict), len(table))
 
 
-def score_models(state_dict: Mapping[str, Any], candidates: list[str] | None = None) -> list[tuple[float, str, str]]:
-    """(agreement, model, layout) for every candidate model and layout, best first.
+def score_models(state_dict: Mapping[str, Any], candidates: list[str] | None = None, *,
+                 stop_at_exact: bool = False) -> list[tuple[float, str, str]]:
+    """(agreement, model, layout) for candidate models and layouts, best first.
 
     By default the candidates are the zoo's models of the task and family the keys suggest (all models
     when the keys suggest nothing), which keeps this cheap: each candidate costs one abstract `init`.
+    stop_at_exact: stop at the first candidate that agrees on every key (nothing can beat it).
     """
     if candidates is None:
         task, family = _guess_task_family(list(state_dict))
@@ -281,12 +287,21 @@ def score_models(state_dict: Mapping[str, Any], candidates: list[str] | None = N
         sd = _strip_backbone_prefix(state_dict) if spec.task == "backbone" else state_dict
         for layout in LAYOUTS if spec.task == "classification" else ("official",):
             scores.append((_agreement(sd, _key_table(spec.name, None, layout)), spec.name, layout))
+            if stop_at_exact and scores[-1][0] == 1.0:
+                return sorted(scores, key=lambda s: -s[0])
     return sorted(scores, key=lambda s: -s[0])
 
 
 def _likely_model_hint(state_dict: Mapping[str, Any], name: str, num_classes: int | None, layout: str) -> str:
-    requested = _agreement(state_dict, _key_table(name, num_classes, layout))
-    scores = score_models(state_dict)
+    own = _strip_backbone_prefix(state_dict) if get_model_spec(name).task == "backbone" else state_dict
+    requested = _agreement(own, _key_table(name, num_classes, layout))
+    # Same variant first (a wrong dataset or task is the common slip), so an exact match ends the search early.
+    task, family = _guess_task_family(list(state_dict))
+    variant = get_model_spec(name).variant
+    candidates = sorted((n for n in list_models() if get_model_spec(n).task == task
+                         and (family is None or get_model_spec(n).family == family)),
+                        key=lambda n: (get_model_spec(n).variant != variant, n)) or list_models()
+    scores = score_models(state_dict, candidates, stop_at_exact=True)
     if not scores:
         return ""
     best, best_name, best_layout = scores[0]
@@ -338,7 +353,7 @@ def torch_to_flax(state_dict: Any, model_name: str, layout: str = "auto", *, use
     """
     name, num_classes = _resolve(model_name, num_classes)
     _check_layout(name, layout, allow_auto=True)
-    sd = extract_state_dict(state_dict, use_ema)
+    original = sd = extract_state_dict(state_dict, use_ema)
     if get_model_spec(name).task == "backbone":
         sd = _strip_backbone_prefix(sd)
     if layout == "auto":
@@ -346,7 +361,7 @@ def torch_to_flax(state_dict: Any, model_name: str, layout: str = "auto", *, use
     table = _key_table(name, num_classes, layout)
     problems = compare(sd, {e.torch_key: (e.torch_shape, e.is_float) for e in table})
     if problems:
-        hint = _num_classes_hint(sd, name, layout, problems) or _likely_model_hint(sd, name, num_classes, layout)
+        hint = _num_classes_hint(sd, name, layout, problems) or _likely_model_hint(original, name, num_classes, layout)
         raise ValueError(f"checkpoint does not fit {name} ({layout} layout): {problems.summary()}.{hint} "
                          f"{_list_problems(problems, '.')}")
     flat = {}

@@ -1,0 +1,31 @@
+"""Shared test fixtures.
+
+- Nothing may download: timm is told the hub is offline before anything imports it.
+- `torch` (fixture): PyTorch with few threads - the test machine has 2 cores shared by many runs.
+- `highest_precision` (fixture): float32 matmuls at full precision for the duration of one parity test
+  only (on accelerators the default precision is lower; other tests keep the default).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def torch():
+    torch = pytest.importorskip("torch")
+    # Under pytest-xdist two workers already share the two cores.
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+    return torch
+
+
+@pytest.fixture
+def highest_precision():
+    import jax
+
+    with jax.default_matmul_precision("highest"):
+        yield
