@@ -243,15 +243,16 @@ def _check_config(config) -> None:
                                 "checkpoint (.pt/.pth/.safetensors) or an Orbax variables directory.")
 
 
-def setup_experiment(config) -> Experiment:
+def setup_experiment(config, devices=None) -> Experiment:
     """Validates the config and derives mesh, optimizer, schedule and abstract sharded state.
 
-    Raises one clear error (ValueError/FileNotFoundError) for anything that cannot run.
+    ``devices`` defaults to all devices of all processes. Raises one clear error
+    (ValueError/FileNotFoundError) for anything that cannot run.
     """
     _check_config(config)
     task = get_task(config)
     task.check()
-    mesh = mesh_lib.create_mesh(config.sharding.strategy, config.sharding.fsdp_size)
+    mesh = mesh_lib.create_mesh(config.sharding.strategy, config.sharding.fsdp_size, devices)
     mesh_lib.check_batch_divisible(config.global_batch_size, mesh, "batch size (global_batch_size)")
     mesh_lib.check_batch_divisible(config.eval_batch_size, mesh, "eval batch size (eval_batch_size)")
     total, warmup = schedule_lengths(config, task.num_train_examples())

@@ -1,0 +1,133 @@
+"""Checkpoints end to end (subprocesses of evit_jax.main with the tiny test model):
+exact resume after SIGKILL, SIGTERM -> save and clean exit, a crash during a save, and the
+workdir/model guard."""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from tests import _train_helpers as h
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def _overrides(*extra):
+    return (f"--config.total_steps={STEPS}", "--config.checkpoint.every_steps=3",
+            "--config.mix.mixup_alpha=0.5", "--config.mix.cutmix_alpha=0.5", *extra)
+
+
+def _assert_trees_equal(a, b):
+    import jax
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (path, x), (_, y) in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+
+
+def _wait_for_step(workdir, step, proc, timeout=240):
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early:\n{proc.stderr.read()[-3000:]}")
+        if os.path.exists(path) and any(f'"step": {step},' in line for line in open(path)):
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_resume_after_sigkill_is_exact(tmp_path, data_dir):
+    ref = str(tmp_path / "ref")
+    result = h.run_main(ref, data_dir, *_overrides())
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    work = str(tmp_path / "killed")
+    # Killed after step 8 is logged: between checkpoints (every 3 steps), possibly mid-save.
+    proc = subprocess.Popen(h.main_command(work, data_dir, *_overrides()), cwd=h.REPO, env=h.env_for(1),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_step(work, 8, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = max(h.read_metrics(work))
+    assert killed_at < STEPS, "the run finished before it was killed"
+    resumed = h.run_main(work, data_dir, *_overrides())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from the checkpoint of step" in resumed.stderr
+
+    ref_state, got_state = h.restore_raw_state(ref), h.restore_raw_state(work)
+    assert int(got_state["step"]) == STEPS
+    _assert_trees_equal(ref_state, got_state)  # params, BN stats, Adam moments, EMA, rng: bitwise
+    ref_m, got_m = h.read_metrics(ref), h.read_metrics(work)
+    for step in range(1, STEPS + 1):
+        assert got_m[step]["train/loss"] == ref_m[step]["train/loss"], step
+    assert got_m[STEPS]["eval/top1"] == ref_m[STEPS]["eval/top1"]
+    assert got_m[STEPS]["eval_ema/top1"] == ref_m[STEPS]["eval_ema/top1"]
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
+    work = str(tmp_path / "term")
+    proc = subprocess.Popen(h.main_command(work, data_dir, "--config.total_steps=400",
+                                           "--config.checkpoint.every_steps=1000"),
+                            cwd=h.REPO, env=h.env_for(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_step(work, 3, proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "preempted=True" in out
+    state = h.restore_raw_state(work)
+    step = int(state["step"])
+    assert 3 <= step < 400
+    assert step == max(h.read_metrics(work))  # saved exactly where it stopped
+
+
+def test_crash_during_save_keeps_last_complete_checkpoint(tmp_path, data_dir):
+    work = str(tmp_path / "crash")
+    result = h.run_main(work, data_dir, "--config.total_steps=4", "--config.checkpoint.every_steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = os.path.join(work, "checkpoints")
+    saved = h.restore_raw_state(work, 4)  # readable before the crash
+    # A save that died half-way: Orbax writes into "<step>.orbax-checkpoint-tmp" and renames
+    # only when complete. Fake such a leftover (a copy with its state partly written).
+    partial = os.path.join(ckpt, "6.orbax-checkpoint-tmp")
+    shutil.copytree(os.path.join(ckpt, "4"), partial)
+    for root, _, files in os.walk(os.path.join(partial, "state")):
+        for name in files[: len(files) // 2]:
+            os.remove(os.path.join(root, name))
+    from evit_jax.train import checkpoint as ckpt_lib
+    assert ckpt_lib.latest_complete_step(work) == 4
+    # Resuming (to 6 steps) starts from the complete checkpoint 4 and overwrites the debris.
+    result = h.run_main(work, data_dir, "--config.total_steps=6", "--config.checkpoint.every_steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming from the checkpoint of step 4" in result.stderr
+    assert int(h.restore_raw_state(work, 6)["step"]) == 6
+    del saved
+
+
+def test_workdir_of_another_model_is_refused(tmp_path, data_dir):
+    work = str(tmp_path / "other")
+    result = h.run_main(work, data_dir, "--config.total_steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = sorted(os.listdir(work))
+    result = h.run_main(work, data_dir, "--config.total_steps=2", tiny=False)  # efficientvit_b0
+    assert result.returncode != 0
+    line = h.last_error_line(result)
+    assert "holds a checkpoint" in line and "tiny_test_cnn" in line and "efficientvit_b0" in line, line
+    assert sorted(os.listdir(work)) == before
