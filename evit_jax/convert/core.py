@@ -70,13 +70,27 @@ def abstract_variables(model_name: str, num_classes: int | None = None) -> dict[
     return dict(_abstract_variables(*_resolve(model_name, num_classes)))
 
 
+def has_timm_layout(model_name: str) -> bool:
+    """timm ports only the seven released classification models (efficientvit_b0..b3, l1..l3)."""
+    spec = get_model_spec(model_name)
+    return spec.task == "classification" and getattr(spec, "design", "v2") == "v2"
+
+
+def timm_models() -> list[str]:
+    return [n for n in list_models("classification") if has_timm_layout(n)]
+
+
+def _layouts_of(name: str) -> tuple[str, ...]:
+    return LAYOUTS if has_timm_layout(name) else ("official",)
+
+
 def _check_layout(name: str, layout: str, allow_auto: bool) -> None:
     allowed = (("auto",) if allow_auto else ()) + LAYOUTS
     if layout not in allowed:
         raise ValueError(f"layout must be one of {', '.join(allowed)}, got {layout!r}")
-    if layout == "timm" and get_model_spec(name).task != "classification":
+    if layout == "timm" and not has_timm_layout(name):
         raise ValueError(f"{name} has no timm layout (timm ports only the classification models "
-                         f"{', '.join(list_models('classification'))}); use layout='official'")
+                         f"{', '.join(timm_models())}); use layout='official'")
 
 
 @functools.lru_cache(maxsize=None)
@@ -285,7 +299,7 @@ def score_models(state_dict: Mapping[str, Any], candidates: list[str] | None = N
     for name in candidates:
         spec = get_model_spec(name)
         sd = _strip_backbone_prefix(state_dict) if spec.task == "backbone" else state_dict
-        for layout in LAYOUTS if spec.task == "classification" else ("official",):
+        for layout in _layouts_of(spec.name):
             scores.append((_agreement(sd, _key_table(spec.name, None, layout)), spec.name, layout))
             if stop_at_exact and scores[-1][0] == 1.0:
                 return sorted(scores, key=lambda s: -s[0])
@@ -297,10 +311,14 @@ def _likely_model_hint(state_dict: Mapping[str, Any], name: str, num_classes: in
     requested = _agreement(own, _key_table(name, num_classes, layout))
     # Same variant first (a wrong dataset or task is the common slip), so an exact match ends the search early.
     task, family = _guess_task_family(list(state_dict))
-    variant = get_model_spec(name).variant
+    own = get_model_spec(name)
+
+    def order(n: str) -> tuple:
+        spec = get_model_spec(n)
+        return spec.variant != own.variant, getattr(spec, "design", "") != getattr(own, "design", ""), n
+
     candidates = sorted((n for n in list_models() if get_model_spec(n).task == task
-                         and (family is None or get_model_spec(n).family == family)),
-                        key=lambda n: (get_model_spec(n).variant != variant, n)) or list_models()
+                         and (family is None or get_model_spec(n).family == family)), key=order) or list_models()
     scores = score_models(state_dict, candidates, stop_at_exact=True)
     if not scores:
         return ""
@@ -334,7 +352,7 @@ def _num_classes_hint(state_dict: Mapping[str, Any], name: str, layout: str, pro
 def detect_layout(state_dict: Mapping[str, Any], model_name: str) -> str:
     """"official" or "timm": the layout whose keys the state dict shares most (official on a tie)."""
     name = get_model_spec(model_name).name
-    if get_model_spec(name).task != "classification":
+    if not has_timm_layout(name):
         return "official"
     keys = set(state_dict)
     overlap = {layout: len(keys & {e.torch_key for e in _key_table(name, None, layout)}) for layout in LAYOUTS}

@@ -44,11 +44,14 @@ def flax_to_torch_key(collection: str, path: tuple[str, ...]) -> str:
 
 
 def flax_to_torch_array(collection: str, path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
-    """Flax array -> PyTorch layout (same dtype, except the BN counter which PyTorch keeps as int64)."""
+    """Flax array -> PyTorch layout (same dtype, except the BN counter which PyTorch keeps as int64).
+
+    Kernels come back as transposed views (no copy); writers that need contiguous memory copy then.
+    """
     value = np.asarray(value)
     leaf = path[-1]
     if collection == "params" and leaf == "kernel":
-        return np.ascontiguousarray(value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T)
+        return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
     if leaf == "num_batches_tracked":
         return value.astype(np.int64)
     return value
@@ -66,12 +69,12 @@ def torch_to_flax_array(collection: str, path: tuple[str, ...], value: np.ndarra
     """PyTorch array -> Flax layout (inverse of flax_to_torch_array).
 
     The dtype is kept (float16/bfloat16 stay as they are); only the BN counter is cast, and only when a
-    `target_dtype` is given.
+    `target_dtype` is given. Kernels come back as transposed views (no copy).
     """
     value = np.asarray(value)
     leaf = path[-1]
     if collection == "params" and leaf == "kernel":
-        return np.ascontiguousarray(value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T)
+        return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
     if leaf == "num_batches_tracked" and target_dtype is not None:
         return value.astype(target_dtype)
     return value
