@@ -86,7 +86,8 @@ def test_bad_names_and_splits(data_dir):
 def test_home_relative_data_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert len(sources.get_source(TINY, "test", "~/datasets")) == 70
-    assert (tmp_path / "datasets" / "evit_shapes" / "tiny" / "1.0.0").is_dir()
+    version = str(synthetic_cls.EvitShapes.VERSION)
+    assert (tmp_path / "datasets" / "evit_shapes" / "tiny" / version).is_dir()
 
 
 def test_split_slicing(data_dir):
@@ -108,7 +109,8 @@ def test_concurrent_builds_in_two_processes(tmp_path):
         assert proc.returncode == 0, err[-2000:]
         assert out.strip().splitlines()[-1] == "70"
     versions = os.listdir(tmp_path / "evit_shapes" / "tiny")
-    assert versions == ["1.0.0"], versions  # One finished build, no leftover temp dirs.
+    # One finished build and no leftover temporary folders.
+    assert versions == [str(synthetic_cls.EvitShapes.VERSION)], versions
 
 
 def test_remote_style_build_waits_for_process_zero(tmp_path, monkeypatch):

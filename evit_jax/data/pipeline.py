@@ -57,17 +57,21 @@ def _check_process(process_index: int, process_count: int) -> None:
         raise ValueError(f"process_index={process_index} is outside [0, {process_count}).")
 
 
-def _normalise_sizes(image_sizes: int | Sequence[int | Sequence[int]]) -> tuple[tuple[int, int], ...]:
+ImageSizes = int | Sequence[int | Sequence[int]]
+
+
+def _normalise_sizes(image_sizes: ImageSizes) -> tuple[tuple[int, int], ...]:
     if isinstance(image_sizes, (int, np.integer)):
         image_sizes = [image_sizes]
     sizes = tuple((int(s), int(s)) if isinstance(s, (int, np.integer)) else (int(s[0]), int(s[1]))
                   for s in image_sizes)
     if not sizes or any(h <= 0 or w <= 0 for h, w in sizes):
-        raise ValueError(f"image_sizes must be a non-empty list of positive sizes, got {image_sizes!r}.")
+        raise ValueError(
+            f"image_sizes must be a non-empty list of positive sizes, got {image_sizes!r}.")
     return sizes
 
 
-def batch_resolution(image_sizes: int | Sequence[int | Sequence[int]], seed: int,
+def batch_resolution(image_sizes: ImageSizes, seed: int,
                      step: int) -> tuple[int, int]:
     """The (height, width) of training batch `step`: a function of (seed, step) only."""
     sizes = _normalise_sizes(image_sizes)
@@ -125,7 +129,7 @@ def make_train_iterator(source: Sequence[dict[str, Any]],
                                                 np.random.Generator], Batch],
                         *,
                         global_batch_size: int,
-                        image_sizes: int | Sequence[int | Sequence[int]],
+                        image_sizes: ImageSizes,
                         seed: int,
                         process_index: int,
                         process_count: int,

@@ -115,15 +115,19 @@ def _make_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     if config is not None:
         known = [c.name for c in getattr(cls, "BUILDER_CONFIGS", [])]
         if config not in known:
-            raise ValueError(f"Unknown config {config!r} of dataset {base!r}; known configs: {known}.")
+            raise ValueError(
+                f"Unknown config {config!r} of dataset {base!r}; known configs: {known}.")
         kwargs["config"] = config
     return cls(**kwargs)
 
 
+def _prepare_command(name: str, data_dir: str) -> str:
+    return _REGISTRY[_split_name(name)[0]].prepare_command.format(data_dir=data_dir)
+
+
 def _missing_message(name: str, data_dir: str) -> str:
-    entry = _REGISTRY[_split_name(name)[0]]
-    command = entry.prepare_command.format(data_dir=data_dir)
-    return f"Dataset {name!r} is not prepared in data_dir={data_dir!r}; prepare it with: {command}"
+    return (f"Dataset {name!r} is not prepared in data_dir={data_dir!r}; prepare it with: "
+            f"{_prepare_command(name, data_dir)}")
 
 
 def _build_under_local_lock(builder: tfds.core.DatasetBuilder, data_dir: str) -> None:
@@ -186,12 +190,11 @@ def prepare(name: str, data_dir: str,
 
 
 def _check_random_access(builder: tfds.core.DatasetBuilder, name: str, data_dir: str) -> None:
-    formats = builder.info.available_file_formats() if hasattr(
-        builder.info, "available_file_formats") else {builder.info.file_format}
-    if not any(str(getattr(f, "value", f)) == _FILE_FORMAT for f in formats):
+    formats = sorted(f.value for f in builder.info.available_file_formats())
+    if _FILE_FORMAT not in formats:
         raise FileNotFoundError(
-            f"Dataset {name!r} in data_dir={data_dir!r} is stored as {sorted(map(str, formats))}, "
-            f"not ArrayRecord; rebuild it with: {_missing_message(name, data_dir).split(': ', 1)[1]}")
+            f"Dataset {name!r} in data_dir={data_dir!r} is stored as {formats}, "
+            f"not ArrayRecord; rebuild it with: {_prepare_command(name, data_dir)}")
 
 
 def get_source(name: str, split: str, data_dir: str) -> Sequence[dict[str, Any]]:
@@ -244,7 +247,8 @@ def get_info(name: str, data_dir: str) -> DatasetInfo:
         num_classes = int(cls.NUM_CLASSES)
     else:
         raise ValueError(f"Dataset {name!r} declares neither class names nor NUM_CLASSES.")
-    ignore_index = None if entry.task == "classification" else int(getattr(cls, "IGNORE_INDEX", 255))
+    ignore_index = (None if entry.task == "classification"
+                    else int(getattr(cls, "IGNORE_INDEX", 255)))
     return DatasetInfo(
         name=name,
         task=entry.task,

@@ -141,7 +141,7 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[n
     """A float (size, size, 3) texture and the colours it is made of."""
     base = _random_colour(rng)
     # The second colour stays near the first so that the shape can contrast with both.
-    other = np.clip(base + rng.normal(0, 40, size=3), 0, 255)
+    other = np.clip(base + rng.normal(0, 28, size=3), 0, 255)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     kind = rng.integers(4)
     if kind == 0:    # smooth noise
@@ -165,10 +165,10 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[n
 
 
 def _distractors(rng: np.random.Generator, size: int) -> Image.Image:
-    """An RGBA layer with 1-4 small blobs and thin lines in random colours."""
+    """An RGBA layer with 1-3 small blobs and thin lines in random colours."""
     layer = Image.new("RGBA", (size, size), (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
-    for _ in range(int(rng.integers(1, 5))):
+    for _ in range(int(rng.integers(1, 4))):
         colour = tuple(int(c) for c in _random_colour(rng)) + (255,)
         if rng.uniform() < 0.5:
             x, y = rng.uniform(0, size, size=2)
@@ -186,15 +186,15 @@ def generate_image(label: int, rng: np.random.Generator, image_size: int = 64) -
     """Draws one uint8 (image_size, image_size, 3) image of class `label`."""
     texture, background_colours = _background(rng, image_size)
     image = Image.fromarray(np.clip(texture, 0, 255).astype(np.uint8), mode="RGB")
-    # Distractors go under the shape half of the time and over it otherwise.
+    # Distractors go under the shape, or over it (crossing its outline) a quarter of the time.
     distractors = _distractors(rng, image_size)
-    over = rng.uniform() < 0.5
+    over = rng.uniform() < 0.25
     if not over:
         image.paste(distractors, (0, 0), distractors)
 
     canvas = image_size * _SUPERSAMPLE
     radius = rng.uniform(0.2, 0.4) * canvas
-    margin = 0.7 * radius
+    margin = 1.05 * radius  # Keeps (nearly) the whole shape inside the image.
     cx, cy = rng.uniform(margin, canvas - margin, size=2)
     angle = rng.uniform(0, 2 * np.pi)
     mask = _shape_mask(label, canvas, cx, cy, radius, angle)
@@ -225,8 +225,11 @@ def _png_bytes(image: np.ndarray) -> bytes:
 class EvitShapes(tfds.core.GeneratorBasedBuilder):
     """Procedural 10-class shapes dataset (see the module docstring)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First release.",
+        "1.1.0": "Easier: shapes kept inside the image, calmer backgrounds, fewer distractors.",
+    }
     BUILDER_CONFIGS = [
         EvitShapesConfig(name="default", description="64x64, 20000 train / 2000 test",
                          image_size=64, num_train=20000, num_test=2000),

@@ -151,7 +151,8 @@ def center_crop(image: np.ndarray, size: Size) -> np.ndarray:
     crop_h, crop_w = _hw(size)
     height, width = image.shape[:2]
     if crop_h > height or crop_w > width:
-        raise ValueError(f"Cannot centre-crop {(crop_h, crop_w)} from an image of {(height, width)}.")
+        raise ValueError(
+            f"Cannot centre-crop {(crop_h, crop_w)} from an image of {(height, width)}.")
     top = int(round((height - crop_h) / 2.0))
     left = int(round((width - crop_w) / 2.0))
     return image[top:top + crop_h, left:left + crop_w]
