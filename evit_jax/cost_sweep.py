@@ -18,7 +18,9 @@ estimate `compiled.memory_analysis()` (temp + argument + output bytes). A varian
 `--memory-limit-gb` (default: half the available RAM), or whose compilation/run raises an out-of-memory
 error (RESOURCE_EXHAUSTED), is recorded as OOM and the sweep goes on. Latency is the median of
 `--repeats` timed runs (fewer once a point has taken `--max-seconds` of timed runs) after one warm-up run;
-the minimum, not the mean, because the CPU is shared and disturbances only ever add time.
+the minimum, not the mean, because the CPU is shared and disturbances only ever add time. The process CPU
+time of the same runs (`cpu_ms`, all XLA threads) is recorded too: on a machine shared with other jobs it
+is the steadier measure of cost (wall time includes waiting for a core), and its slope is printed beside.
 
 Outputs in `--out-dir`: `cost_sweep.csv`, `cost_sweep.png` (log-log latency and memory against the
 number of tokens, with slope-1 and slope-2 reference lines) and, printed, the fitted log-log slope of
@@ -58,6 +60,7 @@ class CostRow:
     tokens: int
     status: str  # "ok" | "OOM"
     latency_ms: float = float("nan")
+    cpu_ms: float = float("nan")
     peak_memory_mb: float = float("nan")
     gflops: float = float("nan")
     note: str = ""
@@ -174,12 +177,14 @@ def measure_point(variant: str, target: str, resolution: int, *, model_name: str
                 return row
         x = jnp.asarray(np.random.default_rng(1).standard_normal(spec.shape), spec.dtype)
         jax.block_until_ready(compiled(variables, x))
-        times = []
+        times, cpu_times = [], []
         while len(times) < max(repeats, 1) and sum(times) < max_seconds:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             jax.block_until_ready(compiled(variables, x))
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
         row.latency_ms = 1e3 * min(times)  # the least-disturbed run: this CPU is shared
+        row.cpu_ms = 1e3 * min(cpu_times)
     except Exception as error:  # noqa: BLE001 - only out-of-memory errors are results
         if not _is_oom(error):
             raise
@@ -187,10 +192,10 @@ def measure_point(variant: str, target: str, resolution: int, *, model_name: str
     return row
 
 
-def fit_slope(rows: Sequence[CostRow], min_resolution: int = 0) -> float:
-    """Least-squares slope of log(latency) against log(tokens) over the OK rows (nan if < 2 points)."""
-    pts = [(math.log(r.tokens), math.log(r.latency_ms)) for r in rows
-           if r.status == "ok" and r.resolution >= min_resolution and r.latency_ms > 0]
+def fit_slope(rows: Sequence[CostRow], min_resolution: int = 0, key: str = "latency_ms") -> float:
+    """Least-squares slope of log(`key`) against log(tokens) over the OK rows (nan if < 2 points)."""
+    pts = [(math.log(r.tokens), math.log(getattr(r, key))) for r in rows
+           if r.status == "ok" and r.resolution >= min_resolution and getattr(r, key) > 0]
     if len(pts) < 2:
         return float("nan")
     x, y = np.array(pts).T
@@ -206,21 +211,24 @@ def write_csv(rows: Sequence[CostRow], path: str) -> None:
             writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in dataclasses.asdict(r).items()})
 
 
-def plot(rows: Sequence[CostRow], path: str, title: str, slopes: dict[str, float]) -> None:
-    """Log-log latency and memory against tokens, with slope-1 and slope-2 reference lines."""
+def plot(rows: Sequence[CostRow], path: str, title: str, slopes: dict[str, dict[str, float]]) -> None:
+    """Log-log latency, CPU time and memory against tokens, with slope-1 and slope-2 reference lines.
+    `slopes`: {"latency_ms" | "cpu_ms": {variant: fitted slope}} for the legends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     variants = list(dict.fromkeys(r.variant for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, key, label in ((axes[0], "latency_ms", "forward latency (ms)"), (axes[1], "peak_memory_mb", "peak memory (MiB)")):
+    panels = (("latency_ms", "forward latency (ms, wall, best run)"), ("cpu_ms", "forward CPU time (ms, all threads)"),
+              ("peak_memory_mb", "peak memory estimate (MiB)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(18, 5))
+    for ax, (key, label) in zip(axes, panels):
         anchor = None
         for v in variants:
             ok = [r for r in rows if r.variant == v and r.status == "ok" and getattr(r, key) == getattr(r, key)]
             oom = [r for r in rows if r.variant == v and r.status == "OOM"]
-            name = f"{v} (slope {slopes[v]:.2f})" if key == "latency_ms" and v in slopes else v
+            name = f"{v} (slope {slopes[key][v]:.2f})" if v in slopes.get(key, {}) else v
             line, = ax.plot([r.tokens for r in ok], [getattr(r, key) for r in ok], "o-", label=name)
             for r in oom:
                 ax.axvline(r.tokens, color=line.get_color(), ls=":", lw=1)
@@ -271,6 +279,7 @@ def run_sweep(variants: Sequence[str], resolutions: Sequence[int], *, target: st
         for res in resolutions:
             row = measure_point(v, target, res, **point_kw)
             log(f"{v:<32} {res:>5}px tokens={row.tokens:<8} {row.status:<3} latency={row.latency_ms:10.2f} ms "
+                f"cpu={row.cpu_ms:10.2f} ms "
                 f"mem={row.peak_memory_mb:10.1f} MiB {row.note}")
             rows.append(row)
     return rows
@@ -301,12 +310,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                      token_stride=args.token_stride, repeats=args.repeats, memory_limit_bytes=limit, max_seconds=args.max_seconds,
                      log=lambda s: print(s, flush=True))
     slopes = {v: fit_slope([r for r in rows if r.variant == v], args.fit_min_resolution) for v in variants}
+    cpu_slopes = {v: fit_slope([r for r in rows if r.variant == v], args.fit_min_resolution, "cpu_ms") for v in variants}
     csv_path, png_path = os.path.join(args.out_dir, "cost_sweep.csv"), os.path.join(args.out_dir, "cost_sweep.png")
     write_csv(rows, csv_path)
     what = "one B1 stage-4 EfficientViTBlock (width 256, dim 16)" if args.target == "block" else args.model
-    plot(rows, png_path, f"{what}, batch {args.batch}, {args.dtype}, {jax.default_backend()}", slopes)
+    plot(rows, png_path, f"{what}, batch {args.batch}, {args.dtype}, {jax.default_backend()}",
+         {"latency_ms": slopes, "cpu_ms": cpu_slopes})
     for v, s in slopes.items():
-        print(f"slope {v}: {s:.3f} (log latency vs log tokens, resolutions >= {args.fit_min_resolution}px)")
+        print(f"slope {v}: {s:.3f} latency, {cpu_slopes[v]:.3f} CPU time "
+              f"(log-log against tokens, resolutions >= {args.fit_min_resolution}px)")
     print(f"wrote {csv_path} and {png_path}")
     return slopes
 
