@@ -48,7 +48,12 @@ def main(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
-    loop.run(_CONFIG.value, _WORKDIR.value)
+    try:
+        loop.run(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input: one clear line (the traceback only with --verbosity=1).
+        logging.vlog(1, "Traceback", exc_info=True)
+        raise SystemExit(f"error: {e}") from None
 
 
 def run() -> None:

@@ -119,13 +119,17 @@ def read_metrics(workdir: str) -> dict[int, dict]:
 
 
 def restore_raw_state(workdir: str, step: int | None = None) -> dict:
-    """The saved TrainState of a workdir as numpy arrays (no target shardings needed)."""
+    """The saved TrainState of a workdir as host numpy arrays (whatever devices saved it)."""
+    import jax
+    import numpy as np
     import orbax.checkpoint as ocp
 
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    with ocp.CheckpointManager(directory) as manager:
+    with ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()}) as manager:
         step = manager.latest_step() if step is None else step
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        meta = manager.item_metadata(step)["state"]
+        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=args)))
     return restored["state"]
 
 

@@ -70,25 +70,6 @@ def test_mix_disabled_and_single_kind():
             assert ok.all()
 
 
-def test_mix_independent_of_process_layout():
-    """Global batches assembled from 2 processes hold the stream in another row order; the
-    mixed result must be the same examples mixed the same way."""
-    images, targets = _batch()
-    order = cls.stream_order(B, 2)  # row r holds stream position order[r]
-    x1, y1 = cls.mix_batch(images, targets, jax.random.key(3), mixup_alpha=0.5, cutmix_alpha=0.5, process_count=1)
-    # Lay the stream out as 2 processes would: row r <- stream position order[r].
-    x2, y2 = cls.mix_batch(images[order], targets[order], jax.random.key(3), mixup_alpha=0.5,
-                           cutmix_alpha=0.5, process_count=2)
-    np.testing.assert_allclose(np.asarray(x2), np.asarray(x1)[order], rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(y2), np.asarray(y1)[order], rtol=1e-6)
-
-
-def test_stream_order():
-    # 2 processes x 2 local: rows = [p0: pos 0, 2 | p1: pos 1, 3]
-    np.testing.assert_array_equal(cls.stream_order(4, 2), [0, 2, 1, 3])
-    np.testing.assert_array_equal(cls.stream_order(4, 1), [0, 1, 2, 3])
-
-
 def test_label_smoothing_and_losses():
     y = cls.smooth_labels(jnp.array([2]), 4, 0.1)
     np.testing.assert_allclose(y, [[0.025, 0.025, 0.925, 0.025]], rtol=1e-6)

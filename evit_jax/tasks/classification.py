@@ -38,18 +38,8 @@ def smooth_labels(labels: jax.Array, num_classes: int, smoothing: float) -> jax.
     return onehot * (1.0 - smoothing) + smoothing / num_classes
 
 
-def stream_order(global_batch: int, process_count: int) -> np.ndarray:
-    """For each row of the global batch (local batches concatenated in process order), its
-    position in the data stream (process p holds stream positions = p mod P). Indexing the
-    random choices of mixup/cutmix by stream position makes them independent of the number
-    of processes."""
-    local = global_batch // process_count
-    rows = np.arange(global_batch)
-    return (rows % local) * process_count + rows // local
-
-
 def mix_batch(images: jax.Array, targets: jax.Array, rng: jax.Array, *, mixup_alpha: float,
-              cutmix_alpha: float, process_count: int = 1) -> tuple[jax.Array, jax.Array]:
+              cutmix_alpha: float) -> tuple[jax.Array, jax.Array]:
     """Applies exactly one of mixup / cutmix (equal probability when both are enabled).
 
     Both pair every example with example ``perm[i]`` of a random permutation and mix the
@@ -71,11 +61,7 @@ def mix_batch(images: jax.Array, targets: jax.Array, rng: jax.Array, *, mixup_al
         alpha = jnp.asarray(enabled[0][1], jnp.float32)
     lam = jnp.clip(jax.random.beta(k_lam, alpha, alpha), 0.0, 1.0)
 
-    # Random choices are drawn in stream order, then mapped to this batch's row layout.
-    to_stream = jnp.asarray(stream_order(b, process_count))
-    to_row = jnp.argsort(to_stream)
-    perm_stream = jax.random.permutation(k_perm, b)
-    partner = to_row[perm_stream[to_stream]]
+    partner = jax.random.permutation(k_perm, b)
     other_images, other_targets = images[partner], targets[partner]
 
     # mixup
@@ -84,8 +70,8 @@ def mix_batch(images: jax.Array, targets: jax.Array, rng: jax.Array, *, mixup_al
 
     # cutmix
     cut = jnp.sqrt(1.0 - lam)
-    cx = jax.random.randint(k_x, (b,), 0, w)[to_stream].astype(jnp.float32)
-    cy = jax.random.randint(k_y, (b,), 0, h)[to_stream].astype(jnp.float32)
+    cx = jax.random.randint(k_x, (b,), 0, w).astype(jnp.float32)
+    cy = jax.random.randint(k_y, (b,), 0, h).astype(jnp.float32)
     x1 = jnp.floor(jnp.clip(cx - w * cut / 2, 0, w)).astype(jnp.int32)
     x2 = jnp.floor(jnp.clip(cx + w * cut / 2, 0, w)).astype(jnp.int32)
     y1 = jnp.floor(jnp.clip(cy - h * cut / 2, 0, h)).astype(jnp.int32)
@@ -225,8 +211,7 @@ class ClassificationTask(Task):
         images = normalize_images(batch["image"])
         targets = smooth_labels(batch["label"], self.num_classes, self.config.loss.label_smoothing)
         images, targets = mix_batch(images, targets, rng, mixup_alpha=float(self.config.mix.mixup_alpha),
-                                    cutmix_alpha=float(self.config.mix.cutmix_alpha),
-                                    process_count=jax.process_count())
+                                    cutmix_alpha=float(self.config.mix.cutmix_alpha))
         return images, {"soft": targets, "label": batch["label"]}
 
     def preprocess_eval(self, batch):
