@@ -14,6 +14,11 @@ from evit_jax.convert import flax_to_torch, save_variables, write_torch_checkpoi
 from evit_jax.models import create_model
 
 
+def _init(name: str) -> dict:
+    model = create_model(name)
+    return jax.jit(lambda key: model.init(key, jnp.zeros((1, 64, 64, 3)), train=False))(jax.random.key(0))
+
+
 @pytest.fixture(scope="module")
 def odd_image(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "odd.jpg"
@@ -24,14 +29,13 @@ def odd_image(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def seg_checkpoint(tmp_path_factory):
-    variables = create_model("efficientvit_seg_b0_cityscapes").init(
-        jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+    variables = _init("efficientvit_seg_b0_cityscapes")
     return save_variables(variables, tmp_path_factory.mktemp("ckpt") / "seg_b0", "efficientvit_seg_b0_cityscapes")
 
 
 @pytest.fixture(scope="module")
 def cls_checkpoint(tmp_path_factory):
-    variables = create_model("efficientvit_b0").init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+    variables = _init("efficientvit_b0")
     path = tmp_path_factory.mktemp("ckpt") / "b0.pt"
     return write_torch_checkpoint(flax_to_torch(variables, "efficientvit_b0"), path)
 

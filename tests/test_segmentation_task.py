@@ -143,8 +143,11 @@ def test_init_from_classification_checkpoint_loads_only_the_backbone(data_dir, t
 
     config = smoke_config(data_dir)
     task = seg.SegmentationTask(config)
-    x = jnp.zeros((1, 64, 64, 3))
-    cls_vars = create_model("efficientvit_b0").init(jax.random.key(1), x, train=False)
+    def init(name):
+        model = create_model(name)
+        return jax.jit(lambda k: model.init(k, jnp.zeros((1, 64, 64, 3)), train=False))(jax.random.key(1))
+
+    cls_vars = init("efficientvit_b0")
     save_variables(cls_vars, tmp_path / "cls", "efficientvit_b0")
     loaded = task.load_init_variables(str(tmp_path / "cls"))
     assert set(loaded["params"]) == {"backbone"}
@@ -152,12 +155,12 @@ def test_init_from_classification_checkpoint_loads_only_the_backbone(data_dir, t
     assert len(leaves) == len(jax.tree_util.tree_leaves(cls_vars["params"]["backbone"]))
     assert task.keeps_fresh_init("params/head/middle_op_list_0/x") and not task.keeps_fresh_init("params/backbone/x")
 
-    seg_vars = create_model("efficientvit_seg_b0_cityscapes").init(jax.random.key(2), x, train=False)
+    seg_vars = init("efficientvit_seg_b0_cityscapes")
     save_variables(seg_vars, tmp_path / "seg", "efficientvit_seg_b0_cityscapes")
     full = task.load_init_variables(str(tmp_path / "seg"))
     assert set(full["params"]) == {"backbone", "head"} and not task.keeps_fresh_init("params/head/x")
 
-    other = create_model("efficientvit_b1").init(jax.random.key(3), x, train=False)
+    other = init("efficientvit_b1")
     save_variables(other, tmp_path / "b1", "efficientvit_b1")
     with pytest.raises(ValueError, match="fits neither"):
         task.load_init_variables(str(tmp_path / "b1"))
