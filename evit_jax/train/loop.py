@@ -276,8 +276,19 @@ def setup_experiment(config, devices=None) -> Experiment:
 
 
 def _load_variables(config, task: Task) -> dict:
+    """Converted weights for ``init_from``, checked against the model's classes; with
+    ``reinit_classifier`` a checkpoint with another number of classes (e.g. ImageNet's 1000)
+    is accepted and its classifier replaced later."""
     from evit_jax.convert import load_variables  # lazily: only fine-tuning/eval of converted weights
-    return load_variables(os.path.expanduser(config.init_from), task.model_name, use_ema=bool(config.init_use_ema))
+
+    path, ema = os.path.expanduser(config.init_from), bool(config.init_use_ema)
+    num_classes = getattr(task, "num_classes", None)
+    try:
+        return load_variables(path, task.model_name, use_ema=ema, num_classes=num_classes)
+    except ValueError:
+        if not config.reinit_classifier:
+            raise
+        return load_variables(path, task.model_name, use_ema=ema)  # the checkpoint's own head
 
 
 # ---------------------------------------------------------------------------- evaluation
