@@ -124,7 +124,7 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
 
 
 def _contrasting_colour(rng: np.random.Generator, avoid: list[np.ndarray],
-                        min_distance: float = 110.0) -> np.ndarray:
+                        min_distance: float = 120.0) -> np.ndarray:
     """A random colour at least `min_distance` (RGB L2) from every colour in `avoid`."""
     best, best_dist = None, -1.0
     for _ in range(32):
@@ -141,7 +141,7 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[n
     """A float (size, size, 3) texture and the colours it is made of."""
     base = _random_colour(rng)
     # The second colour stays near the first so that the shape can contrast with both.
-    other = np.clip(base + rng.normal(0, 28, size=3), 0, 255)
+    other = np.clip(base + rng.normal(0, 20, size=3), 0, 255)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     kind = rng.integers(4)
     if kind == 0:    # smooth noise
@@ -193,7 +193,7 @@ def generate_image(label: int, rng: np.random.Generator, image_size: int = 64) -
         image.paste(distractors, (0, 0), distractors)
 
     canvas = image_size * _SUPERSAMPLE
-    radius = rng.uniform(0.2, 0.4) * canvas
+    radius = rng.uniform(0.25, 0.4) * canvas
     margin = 1.05 * radius  # Keeps (nearly) the whole shape inside the image.
     cx, cy = rng.uniform(margin, canvas - margin, size=2)
     angle = rng.uniform(0, 2 * np.pi)
@@ -204,7 +204,7 @@ def generate_image(label: int, rng: np.random.Generator, image_size: int = 64) -
     image.paste(fill, (0, 0), mask)
     if over:
         image.paste(distractors, (0, 0), distractors)
-    if rng.uniform() < 0.3:
+    if rng.uniform() < 0.2:
         image = image.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.3, 0.8)))
     return np.asarray(image)
 
@@ -225,10 +225,11 @@ def _png_bytes(image: np.ndarray) -> bytes:
 class EvitShapes(tfds.core.GeneratorBasedBuilder):
     """Procedural 10-class shapes dataset (see the module docstring)."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {
         "1.0.0": "First release.",
         "1.1.0": "Easier: shapes kept inside the image, calmer backgrounds, fewer distractors.",
+        "1.2.0": "Easier: larger shapes, more colour contrast, calmer textures, less blur.",
     }
     BUILDER_CONFIGS = [
         EvitShapesConfig(name="default", description="64x64, 20000 train / 2000 test",
