@@ -146,7 +146,7 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[n
     kind = rng.integers(4)
     if kind == 0:    # smooth noise
         coarse = rng.uniform(size=(size // 8 + 1, size // 8 + 1)).astype(np.float32)
-        t = np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC))
+        t = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC))
         t = np.clip(t, 0, 1)
     elif kind == 1:  # stripes at a random angle and period
         theta = rng.uniform(0, np.pi)
@@ -185,7 +185,7 @@ def _distractors(rng: np.random.Generator, size: int) -> Image.Image:
 def generate_image(label: int, rng: np.random.Generator, image_size: int = 64) -> np.ndarray:
     """Draws one uint8 (image_size, image_size, 3) image of class `label`."""
     texture, background_colours = _background(rng, image_size)
-    image = Image.fromarray(np.clip(texture, 0, 255).astype(np.uint8), mode="RGB")
+    image = Image.fromarray(np.clip(texture, 0, 255).astype(np.uint8))
     # Distractors go under the shape, or over it (crossing its outline) a quarter of the time.
     distractors = _distractors(rng, image_size)
     over = rng.uniform() < 0.25
