@@ -119,6 +119,8 @@ def test_official_wrappers_ema_and_ddp_prefix():
             convert.torch_to_flax(no_ema, "efficientvit_b0", use_ema=True)
     with pytest.raises(ValueError, match="cannot find a state dict"):
         convert.torch_to_flax({"epoch": 3}, "efficientvit_b0")
+    with pytest.raises(ValueError, match="1 unexpected.*None of its keys look like an EfficientViT checkpoint"):
+        convert.torch_to_flax({"fc.weight": np.zeros((2, 2), np.float32)}, "efficientvit_b0")
 
 
 def test_backbone_accepts_keys_with_or_without_prefix():
@@ -297,6 +299,11 @@ def test_cli_official_training_checkpoint_round_trips(tmp_path, torch):
     written = torch.load(tmp_path / "plain.pt", map_location="cpu", weights_only=True)
     assert list(written) == ["state_dict"]
     assert_bit_equal(written["state_dict"], plain)
+    # A checkpoint file as the source: official .pt -> timm .pth directly.
+    assert cli_main(["to-torch", "--model", "efficientvit_b0", "--layout", "timm", str(tmp_path / "plain.pt"),
+                     str(tmp_path / "direct_timm.pth")]) == 0
+    direct = torch.load(tmp_path / "direct_timm.pth", map_location="cpu", weights_only=True)
+    assert_bit_equal(direct, convert.flax_to_torch(convert.torch_to_flax(plain, "efficientvit_b0"), "efficientvit_b0", "timm"))
 
     assert cli_main(["to-flax", "--model", "efficientvit_b0", "--use-ema", str(src), str(tmp_path / "ema")]) == 0
     assert convert.read_metadata(tmp_path / "ema")["source"]["ema"] is True

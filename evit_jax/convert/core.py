@@ -311,6 +311,8 @@ def _likely_model_hint(state_dict: Mapping[str, Any], name: str, num_classes: in
     requested = _agreement(own, _key_table(name, num_classes, layout))
     # Same variant first (a wrong dataset or task is the common slip), so an exact match ends the search early.
     task, family = _guess_task_family(list(state_dict))
+    if family is None:  # no stem/stage keys at all: nothing in the zoo can match, skip the search
+        return " None of its keys look like an EfficientViT checkpoint (no stem or stage keys)."
     own = get_model_spec(name)
 
     def order(n: str) -> tuple:
