@@ -11,7 +11,7 @@ tests/test_ops.py.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +19,6 @@ from jax import lax
 
 # `conv_impl` values: "auto" picks per backend; the others force one formulation everywhere.
 CONV_IMPLS = ("auto", "lax", "fast")
-
-
-def _pad_hw(x: jax.Array, pad: int) -> jax.Array:
-    if pad == 0:
-        return x
-    return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
 
 def _out_size(size: int, k: int, stride: int, pad: int) -> int:
@@ -43,26 +37,79 @@ def lax_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, group
     )
 
 
+def _taps_of_padded(x: jax.Array, kh: int, kw: int, stride: int, padding: int) -> Iterator[tuple[int, int, jax.Array]]:
+    """(i, j, window) for every kernel tap: the output-grid window of a zero-padded copy of x.
+
+    XLA fuses the pad into the producer of x (one extra pass writes the padded copy), and every tap is then a
+    plain shifted read. Best for stride 1, where the padded copy is read k*k times.
+    """
+    h_out, w_out = _out_size(x.shape[1], kh, stride, padding), _out_size(x.shape[2], kw, stride, padding)
+    xp = x if padding == 0 else jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    for i in range(kh):
+        for j in range(kw):
+            limit = (xp.shape[0], i + (h_out - 1) * stride + 1, j + (w_out - 1) * stride + 1, xp.shape[3])
+            yield i, j, lax.slice(xp, (0, i, j, 0), limit, (1, stride, stride, 1))
+
+
+def _valid_range(tap: int, size: int, out_size: int, stride: int, padding: int) -> tuple[int, int, int]:
+    """For one tap along one axis: (first output, last output, first input) whose input lies inside x."""
+    first = max(0, -(-(padding - tap) // stride))  # ceil((padding - tap) / stride)
+    last = min(out_size - 1, (size - 1 + padding - tap) // stride)
+    return first, last, first * stride + tap - padding
+
+
+def _taps_zero_extended(x: jax.Array, kh: int, kw: int, stride: int, padding: int) -> Iterator[tuple[int, int, jax.Array]]:
+    """(i, j, window) for every kernel tap: the strided slice of x that the tap reads, zero-extended to the
+    output grid. No padded copy of x is written; with stride 2 the producer of x fuses into the taps and
+    only the needed input positions are computed, which makes this the faster form for strided convs."""
+    height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+    h_out, w_out = _out_size(height, kh, stride, padding), _out_size(width, kw, stride, padding)
+    zero = jnp.zeros((), x.dtype)
+    for i in range(kh):
+        y0, y1, r0 = _valid_range(i, height, h_out, stride, padding)
+        for j in range(kw):
+            x0, x1, c0 = _valid_range(j, width, w_out, stride, padding)
+            if y1 < y0 or x1 < x0:  # the tap only ever reads padding
+                yield i, j, jnp.zeros((x.shape[0], h_out, w_out, channels), x.dtype)
+                continue
+            limit = (x.shape[0], r0 + (y1 - y0) * stride + 1, c0 + (x1 - x0) * stride + 1, channels)
+            window = lax.slice(x, (0, r0, c0, 0), limit, (1, stride, stride, 1))
+            pads = ((0, 0, 0), (y0, h_out - 1 - y1, 0), (x0, w_out - 1 - x1, 0), (0, 0, 0))
+            yield i, j, lax.pad(window, zero, pads)
+
+
+def _taps(x: jax.Array, kh: int, kw: int, stride: int, padding: int) -> Iterator[tuple[int, int, jax.Array]]:
+    if stride == 1:
+        return _taps_of_padded(x, kh, kw, stride, padding)
+    return _taps_zero_extended(x, kh, kw, stride, padding)
+
+
 def depthwise_conv2d_shift_add(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
     """Depthwise convolution as a sum of k*k shifted, channel-scaled copies of the input.
 
-    kernel: (kh, kw, 1, C). Fast on CPU because every tap is a fused elementwise multiply-add.
+    kernel: (kh, kw, 1, C). Fast on CPU because every tap is a fused elementwise multiply-add over the
+    contiguous channel axis (XLA:CPU's grouped convolution is a slow generic loop).
     """
     kh, kw, _, channels = kernel.shape
-    h_out = _out_size(x.shape[1], kh, stride, padding)
-    w_out = _out_size(x.shape[2], kw, stride, padding)
-    xp = _pad_hw(x, padding)
     taps = kernel.reshape(kh, kw, channels)
     out = None
-    for i in range(kh):
-        for j in range(kw):
-            window = lax.slice(
-                xp,
-                (0, i, j, 0),
-                (xp.shape[0], i + (h_out - 1) * stride + 1, j + (w_out - 1) * stride + 1, channels),
-                (1, stride, stride, 1),
-            )
-            term = window * taps[i, j]
+    for i, j, window in _taps(x, kh, kw, stride, padding):
+        term = window * taps[i, j]
+        out = term if out is None else out + term
+    return out
+
+
+def conv2d_few_inputs_broadcast(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """Dense convolution with few input channels (the 3-channel stem) as kh*kw*C_in broadcast multiply-adds.
+
+    A matmul with a contraction of 27 wastes most of the CPU's vector width; this is about 2-3x faster than
+    lax.conv on XLA:CPU for the stem and writes no im2col buffer.
+    """
+    kh, kw, c_in, _ = kernel.shape
+    out = None
+    for i, j, window in _taps(x, kh, kw, stride, padding):
+        for c in range(c_in):
+            term = window[..., c : c + 1] * kernel[i, j, c]
             out = term if out is None else out + term
     return out
 
@@ -82,10 +129,11 @@ def pointwise_conv2d_matmul(x: jax.Array, kernel: jax.Array, groups: int) -> jax
 
 
 def grouped_pointwise_conv2d_broadcast(x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
-    """Grouped 1x1 convolution as c_in/groups broadcast multiply-adds, in the channels-last layout.
+    """Grouped 1x1 convolution as C_in/groups broadcast multiply-adds, in the channels-last layout.
 
-    y[..., g, :] = sum_c x[..., g, c] * w[c, g, :]. A batched matmul over groups would need the group axis
-    major (a transpose XLA:CPU fuses with the producer into a slow strided loop); this form never moves data.
+    y[..., g, :] = sum_c x[..., g, c] * w[c, g, :]. A batched matmul over groups needs the group axis major:
+    a transpose that XLA:CPU fuses with the producer (LiteMLA's depthwise 5x5) into a strided loop about 15x
+    slower than this form, which never moves data.
     """
     c_in_per_group, c_out = kernel.shape[2], kernel.shape[3]
     c_out_per_group = c_out // groups
@@ -98,7 +146,47 @@ def grouped_pointwise_conv2d_broadcast(x: jax.Array, kernel: jax.Array, groups: 
     return out.reshape(*x.shape[:3], c_out)
 
 
-def _use_fast_path(conv_impl: str) -> bool:
+def with_backward_of(forward: Callable[..., jax.Array], backward_of: Callable[..., jax.Array],
+                     num_static: int) -> Callable[..., jax.Array]:
+    """`forward` with the gradient of `backward_of` (the same function, written another way).
+
+    The broadcast formulations are fast forward, but their autodiff kernel gradient is one strided
+    reduction per broadcast term, which XLA:CPU does not vectorise (7-12x slower than the gradient of
+    the matmul / lax.conv form). Arguments are (x, kernel, *static ints).
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=tuple(range(2, 2 + num_static)))
+    def fn(x, kernel, *static):
+        return forward(x, kernel, *static)
+
+    def fwd(x, kernel, *static):
+        return forward(x, kernel, *static), (x, kernel)
+
+    def bwd(*args):
+        static, (x, kernel), cotangent = args[:num_static], args[num_static], args[num_static + 1]
+        _, vjp = jax.vjp(lambda x, k: backward_of(x, k, *static), x, kernel)
+        return vjp(cotangent)
+
+    fn.defvjp(fwd, bwd)
+    return fn
+
+
+def _dense_lax_conv2d(x, kernel, stride, padding):
+    return lax_conv2d(x, kernel, stride, padding, 1)
+
+
+fast_stem_conv2d = with_backward_of(conv2d_few_inputs_broadcast, _dense_lax_conv2d, num_static=2)
+fast_grouped_pointwise_conv2d = with_backward_of(grouped_pointwise_conv2d_broadcast, pointwise_conv2d_matmul,
+                                                 num_static=1)
+
+
+# Formulation limits, from micro-benchmarks on the 2-core dev machine (docs/performance.md).
+MAX_BROADCAST_GROUP_CHANNELS = 32  # grouped 1x1: broadcast multiply-adds up to this many inputs per group
+MAX_BROADCAST_CONV_INPUTS = 4  # dense k x k conv: broadcast multiply-adds up to this many input channels
+
+
+def use_fast_path(conv_impl: str) -> bool:
+    """Whether `conv_impl` selects the CPU formulations on the current default backend."""
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
     if conv_impl == "auto":
@@ -117,19 +205,25 @@ def conv2d(
 ) -> jax.Array:
     """NHWC convolution with HWIO kernel, symmetric padding and `groups` like torch.nn.Conv2d.
 
-    conv_impl="auto" uses lax.conv on GPU/TPU and the fast CPU formulations on CPU.
+    conv_impl="auto" uses lax.conv on GPU/TPU and the fast CPU formulations on CPU:
+    depthwise -> shift-and-add; 1x1 -> matmul (grouped with few channels per group -> broadcast
+    multiply-adds); dense k x k with <= 4 input channels -> broadcast multiply-adds; other dense convs ->
+    lax.conv (XLA:CPU's dense convolution beats im2col and shifted matmuls here).
     """
-    kh, kw, c_in_per_group, _ = kernel.shape
+    kh, kw, c_in_per_group, c_out = kernel.shape
     c_in = x.shape[-1]
     if c_in != c_in_per_group * groups:
         raise ValueError(f"conv2d: input has {c_in} channels, kernel expects {c_in_per_group} x {groups} groups")
-    if _use_fast_path(conv_impl):
-        if kh == kw == 1 and stride == 1 and padding == 0:
-            if groups > 1 and c_in_per_group <= 32:
-                return grouped_pointwise_conv2d_broadcast(x, kernel, groups)
-            return pointwise_conv2d_matmul(x, kernel, groups)
-        if groups == c_in and c_in_per_group == 1 and kernel.shape[3] == c_in:
-            return depthwise_conv2d_shift_add(x, kernel, stride, padding)
+    if not use_fast_path(conv_impl):
+        return lax_conv2d(x, kernel, stride, padding, groups)
+    if kh == kw == 1 and stride == 1 and padding == 0:
+        if groups > 1 and c_in_per_group <= MAX_BROADCAST_GROUP_CHANNELS:
+            return fast_grouped_pointwise_conv2d(x, kernel, groups)
+        return pointwise_conv2d_matmul(x, kernel, groups)
+    if groups == c_in and c_in_per_group == 1 and c_out == c_in:
+        return depthwise_conv2d_shift_add(x, kernel, stride, padding)
+    if groups == 1 and c_in <= MAX_BROADCAST_CONV_INPUTS:
+        return fast_stem_conv2d(x, kernel, stride, padding)
     return lax_conv2d(x, kernel, stride, padding, groups)
 
 
