@@ -17,7 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m evit_jax.convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m evit_jax.convert",
+        description="Convert EfficientViT weights between PyTorch checkpoints (official / timm layouts) and "
+                    "Orbax directories of Flax variables. See docs/convert.md.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     to_flax = commands.add_parser("to-flax", help="PyTorch checkpoint -> Orbax directory of Flax variables")
