@@ -1,0 +1,86 @@
+"""Smoke tests of the benchmark CLI and exactness tests of the analytic MAC counter (no speed is asserted)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from evit_jax import benchmark, flops
+
+
+def test_cli_runs_tiny_model_and_reports_every_figure(capsys):
+    result = benchmark.main(["--model", "efficientvit-b0", "--batch", "1", "--res", "64", "--iters", "1",
+                             "--warmup", "1"])
+    assert result["model"] == "efficientvit_b0"
+    assert 3.40e6 < result["params"] < 3.42e6  # paper: 3.41M
+    assert result["gmacs"] == pytest.approx(flops.count_macs("efficientvit_b0", 64, 64) / 1e9)
+    assert result["jax_images_per_s"] > 0 and result["compile_s"] > 0 and result["output_finite"]
+    assert result["mfu"] is not None and result["mfu"] > 0
+    out = capsys.readouterr().out
+    assert "analytic count of convs, linears and attention matmuls" in out and "MFU" in out
+
+
+def test_timm_counterparts():
+    assert benchmark.timm_name_for("efficientvit-l2") == ("efficientvit_l2", "")
+    for name in ("efficientvit_seg_b0_cityscapes", "efficientvit_backbone_l0"):
+        timm_name, reason = benchmark.timm_name_for(name)
+        assert timm_name is None and "timm has no" in reason
+
+
+def test_parse_resolution():
+    assert benchmark.parse_resolution("224") == (224, 224)
+    assert benchmark.parse_resolution("1024x2048") == (1024, 2048)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--model", "efficientvit_b9"], "unknown model"),
+    (["--model", "efficientvit_b0", "--res", "100"], "multiples of 32"),
+    (["--model", "efficientvit_b0", "--res", "abc"], "--res must be"),
+])
+def test_bad_input_is_one_clear_error(argv, match):
+    with pytest.raises(ValueError, match=match):
+        benchmark.main(argv)
+
+
+def test_peak_table_and_override():
+    cpu = jax.devices("cpu")[0]
+    peak, source = benchmark.peak_tflops(cpu, "float32")
+    assert peak == 0.38 and "380 GFLOP/s" in source
+    assert benchmark.peak_tflops(cpu, "float32", 1.5)[0] == 1.5
+
+    class FakeGpu:
+        platform, device_kind = "gpu", "NVIDIA H200"
+
+    assert benchmark.peak_tflops(FakeGpu(), "bfloat16")[0] == 989.0
+
+
+@pytest.mark.parametrize("name,res,paper_gmacs", [
+    ("efficientvit_b1", (224, 224), 0.52),
+    ("efficientvit_b0", (224, 224), 0.10),
+    ("efficientvit_l1", (224, 224), 5.26),
+    ("efficientvit_seg_b0_cityscapes", (1024, 2048), 4.4),
+])
+def test_mac_count_reproduces_the_papers(name, res, paper_gmacs):
+    gmacs = flops.count_macs(name, *res) / 1e9
+    decimals = len(str(paper_gmacs).split(".")[1])
+    assert round(gmacs, decimals) == paper_gmacs
+
+
+def test_mac_counter_rules_on_known_ops():
+    x = jax.ShapeDtypeStruct((2, 8, 8, 4), jnp.float32)
+    dense = jax.ShapeDtypeStruct((3, 3, 4, 6), jnp.float32)
+    depthwise = jax.ShapeDtypeStruct((3, 3, 1, 4), jnp.float32)
+    matrix = jax.ShapeDtypeStruct((4, 5), jnp.float32)
+
+    def conv(x, k, groups, stride=1):
+        return jax.lax.conv_general_dilated(x, k, (stride, stride), ((1, 1), (1, 1)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+    assert flops.count_macs_fn(lambda x, k: conv(x, k, 1), x, dense) == 2 * 8 * 8 * 6 * 9 * 4
+    assert flops.count_macs_fn(lambda x, k: conv(x, k, 1, 2), x, dense) == 2 * 4 * 4 * 6 * 9 * 4
+    assert flops.count_macs_fn(lambda x, k: conv(x, k, 4), x, depthwise) == 2 * 8 * 8 * 4 * 9
+    assert flops.count_macs_fn(lambda x, w: jnp.einsum("bhwc,cd->bhwd", x, w), x, matrix) == 2 * 8 * 8 * 4 * 5
+    # Elementwise ops are free; a product with a trace constant (the resize matrix) is not counted.
+    fixed = jnp.ones((8, 8))
+    assert flops.count_macs_fn(lambda x: jnp.einsum("oh,bhwc->bowc", fixed, jax.nn.relu(x) * 2.0), x) == 0
