@@ -37,11 +37,13 @@ def lax_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, group
     )
 
 
-def _taps_of_padded(x: jax.Array, kh: int, kw: int, stride: int, padding: int) -> Iterator[tuple[int, int, jax.Array]]:
+def _taps(x: jax.Array, kh: int, kw: int, stride: int, padding: int) -> Iterator[tuple[int, int, jax.Array]]:
     """(i, j, window) for every kernel tap: the output-grid window of a zero-padded copy of x.
 
-    XLA fuses the pad into the producer of x (one extra pass writes the padded copy), and every tap is then a
-    plain shifted read. Best for stride 1, where the padded copy is read k*k times.
+    XLA fuses the pad into the producer of x (the previous layer's norm/activation), so the padded copy
+    costs no extra pass, and every tap is a plain (strided) read of it. Reading the unpadded x with per-tap
+    zero extension instead avoids the copy but makes XLA recompute the producer in every tap; it measured
+    slower inside the models, also for stride 2 (docs/performance.md).
     """
     h_out, w_out = _out_size(x.shape[1], kh, stride, padding), _out_size(x.shape[2], kw, stride, padding)
     xp = x if padding == 0 else jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
@@ -49,39 +51,6 @@ def _taps_of_padded(x: jax.Array, kh: int, kw: int, stride: int, padding: int) -
         for j in range(kw):
             limit = (xp.shape[0], i + (h_out - 1) * stride + 1, j + (w_out - 1) * stride + 1, xp.shape[3])
             yield i, j, lax.slice(xp, (0, i, j, 0), limit, (1, stride, stride, 1))
-
-
-def _valid_range(tap: int, size: int, out_size: int, stride: int, padding: int) -> tuple[int, int, int]:
-    """For one tap along one axis: (first output, last output, first input) whose input lies inside x."""
-    first = max(0, -(-(padding - tap) // stride))  # ceil((padding - tap) / stride)
-    last = min(out_size - 1, (size - 1 + padding - tap) // stride)
-    return first, last, first * stride + tap - padding
-
-
-def _taps_zero_extended(x: jax.Array, kh: int, kw: int, stride: int, padding: int) -> Iterator[tuple[int, int, jax.Array]]:
-    """(i, j, window) for every kernel tap: the strided slice of x that the tap reads, zero-extended to the
-    output grid. No padded copy of x is written; with stride 2 the producer of x fuses into the taps and
-    only the needed input positions are computed, which makes this the faster form for strided convs."""
-    height, width, channels = x.shape[1], x.shape[2], x.shape[3]
-    h_out, w_out = _out_size(height, kh, stride, padding), _out_size(width, kw, stride, padding)
-    zero = jnp.zeros((), x.dtype)
-    for i in range(kh):
-        y0, y1, r0 = _valid_range(i, height, h_out, stride, padding)
-        for j in range(kw):
-            x0, x1, c0 = _valid_range(j, width, w_out, stride, padding)
-            if y1 < y0 or x1 < x0:  # the tap only ever reads padding
-                yield i, j, jnp.zeros((x.shape[0], h_out, w_out, channels), x.dtype)
-                continue
-            limit = (x.shape[0], r0 + (y1 - y0) * stride + 1, c0 + (x1 - x0) * stride + 1, channels)
-            window = lax.slice(x, (0, r0, c0, 0), limit, (1, stride, stride, 1))
-            pads = ((0, 0, 0), (y0, h_out - 1 - y1, 0), (x0, w_out - 1 - x1, 0), (0, 0, 0))
-            yield i, j, lax.pad(window, zero, pads)
-
-
-def _taps(x: jax.Array, kh: int, kw: int, stride: int, padding: int) -> Iterator[tuple[int, int, jax.Array]]:
-    if stride == 1:
-        return _taps_of_padded(x, kh, kw, stride, padding)
-    return _taps_zero_extended(x, kh, kw, stride, padding)
 
 
 def depthwise_conv2d_shift_add(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
