@@ -143,9 +143,10 @@ def test_init_from_classification_checkpoint_loads_only_the_backbone(data_dir, t
 
     config = smoke_config(data_dir)
     task = seg.SegmentationTask(config)
-    def init(name):
+    def init(name):  # structure is all that matters here: zeros of the right shapes, no compile
         model = create_model(name)
-        return jax.jit(lambda k: model.init(k, jnp.zeros((1, 64, 64, 3)), train=False))(jax.random.key(1))
+        shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 64, 64, 3)), train=False), jax.random.key(1))
+        return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
     cls_vars = init("efficientvit_b0")
     save_variables(cls_vars, tmp_path / "cls", "efficientvit_b0")
