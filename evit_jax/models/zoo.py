@@ -202,7 +202,9 @@ def create_model(
             raise ValueError(f"{spec.name} is a backbone and has no classes")
         return backbone
     act = FAMILY_ACT[spec.family]
-    n_classes = num_classes or spec.num_classes
+    n_classes = spec.num_classes if num_classes is None else num_classes
+    if n_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
     if spec.task == "classification":
         head = ClsHead(CLS_HEAD_WIDTHS[spec.variant], n_classes, cfg, act=act, dropout=dropout,
                        in_conv_bn_eps=1e-5 if timm and spec.family == "l" else None)
