@@ -127,11 +127,14 @@ def class_names_for(spec, num_classes: int, run_config: dict) -> list[str] | Non
     elif run_config.get("data", {}).get("name"):
         from evit_jax.data import sources
         data = run_config["data"]
-        try:
-            info = sources.get_info(data["name"], os.path.expanduser(data.get("data_dir", "~/tensorflow_datasets")))
-            names = list(info.class_names) if info.class_names else None
-        except (FileNotFoundError, ValueError):
-            names = None
+        data_dir = os.path.expanduser(data.get("data_dir", "~/tensorflow_datasets"))
+        # Only read a dataset that is already there: predicting must never build one.
+        if os.path.isdir(os.path.join(data_dir, data["name"].split("/")[0])):
+            try:
+                info = sources.get_info(data["name"], data_dir)
+                names = list(info.class_names) if info.class_names else None
+            except (FileNotFoundError, ValueError):
+                names = None
     return names if names is not None and len(names) == num_classes else None
 
 
