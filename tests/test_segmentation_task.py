@@ -158,8 +158,13 @@ def test_init_from_classification_checkpoint_loads_only_the_backbone(data_dir, t
 
     seg_vars = init("efficientvit_seg_b0_cityscapes")
     save_variables(seg_vars, tmp_path / "seg", "efficientvit_seg_b0_cityscapes")
+    with pytest.raises(ValueError, match="reinit_classifier"):   # 19 Cityscapes classes, the task has 7
+        task.load_init_variables(str(tmp_path / "seg"))
+    with config.unlocked():
+        config.reinit_classifier = True
     full = task.load_init_variables(str(tmp_path / "seg"))
     assert set(full["params"]) == {"backbone", "head"} and not task.keeps_fresh_init("params/head/x")
+    assert task.is_classifier_param("head/output_ops_0_op_list_1/conv/bias")
 
     other = init("efficientvit_b1")
     save_variables(other, tmp_path / "b1", "efficientvit_b1")

@@ -339,11 +339,17 @@ class SegmentationTask(Task):
 
         spec = get_model_spec(self.model_name)
         errors = []
-        try:
-            self._backbone_only = False
-            return load_variables(path, spec.name, use_ema=use_ema)
-        except ValueError as e:
-            errors.append(f"as {spec.name}: {e}")
+        self._backbone_only = False
+        # A seg checkpoint with this task's classes; with reinit_classifier also one with its
+        # own number of classes (its output conv is then re-initialised by the loop).
+        attempts = [dict(num_classes=self.num_classes)]
+        if self.config.reinit_classifier:
+            attempts.append({})
+        for kwargs in attempts:
+            try:
+                return load_variables(path, spec.name, use_ema=use_ema, **kwargs)
+            except ValueError as e:
+                errors.append(f"as {spec.name}{' (' + str(self.num_classes) + ' classes)' if kwargs else ''}: {e}")
         for candidate in (f"efficientvit_{spec.variant}", f"efficientvit_backbone_{spec.variant}"):
             try:
                 loaded = load_variables(path, candidate, use_ema=use_ema)
@@ -358,8 +364,10 @@ class SegmentationTask(Task):
                          path, candidate, spec.name)
             self._backbone_only = True
             return backbone
+        hint = ("" if self.config.reinit_classifier else " (a segmentation checkpoint with another number of "
+                "classes loads with --config.reinit_classifier=True)")
         raise ValueError(f"init_from={path!r} fits neither {spec.name} nor the efficientvit_{spec.variant} "
-                         f"backbone: " + " | ".join(errors))
+                         f"backbone{hint}: " + " | ".join(errors))
 
     def keeps_fresh_init(self, path: str) -> bool:
         """True for variables a backbone-only init leaves freshly initialised (the head).
