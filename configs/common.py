@@ -32,7 +32,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.data_dir = "~/tensorflow_datasets"
     c.data.train_split = "train"
     c.data.eval_split = "validation"
-    c.data.image_sizes = [224]         # per-batch training resolution drawn from this list
+    c.data.image_sizes = (224,)        # per-batch training resolution drawn from this list
     c.data.eval_image_size = 224
     c.data.eval_crop_ratio = 1.0       # resize short side to ceil(size / ratio), centre crop size
     c.data.rrc_scale_min = 0.08        # RandomResizedCrop lower area bound

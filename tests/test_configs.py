@@ -13,7 +13,7 @@ from evit_jax.train import loop, optim
 def test_imagenet_configs_build(variant):
     c = imagenet.get_config(variant)
     assert c.model.name == f"efficientvit_{variant}"
-    assert c.data.image_sizes == [128, 160, 192, 224]
+    assert tuple(c.data.image_sizes) == (128, 160, 192, 224)
     assert (c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay) == (0.9, 0.999, 1e-8, 0.1)
     assert tuple(c.optim.no_decay_keys) == ("norm", "bias")
     assert c.optim.grad_clip_value == 2.0

@@ -119,6 +119,29 @@ class Task(abc.ABC):
         number of classes of loaded weights differs). ``path`` is "a/b/kernel"."""
         return False
 
+    def load_init_variables(self, path: str, use_ema: bool = False) -> dict:
+        """Variables for ``--config.init_from`` (converted PyTorch weights or an Orbax dir).
+
+        Default: the task's own model, with its number of classes; with ``reinit_classifier``
+        a checkpoint with another number of classes (e.g. ImageNet's 1000) is accepted and its
+        classifier is replaced by the loop. Tasks that can start from another model's weights
+        (segmentation from an ImageNet backbone) override this and :meth:`keeps_fresh_init`.
+        """
+        from evit_jax.convert import load_variables  # tasks may import convert (layering)
+
+        num_classes = getattr(self, "num_classes", None)
+        try:
+            return load_variables(path, self.model_name, use_ema=use_ema, num_classes=num_classes)
+        except ValueError:
+            if not self.config.reinit_classifier:
+                raise
+            return load_variables(path, self.model_name, use_ema=use_ema)  # the checkpoint's own head
+
+    def keeps_fresh_init(self, path: str) -> bool:
+        """True for variables that ``init_from`` weights may lack and that keep their fresh
+        initialisation (``path`` is "params/..." or "batch_stats/..."). Default: none."""
+        return False
+
     @abc.abstractmethod
     def finalize_eval(self, sums: Mapping[str, np.ndarray]) -> dict[str, float]:
         """Metrics from statistics summed over the whole eval set."""

@@ -115,8 +115,10 @@ class Experiment:
         fresh_flat = {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(fresh)[0]}
         loaded_flat = {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
         missing = sorted(set(fresh_flat) - set(loaded_flat))
+        kept_fresh = [p for p in missing if self.task.keeps_fresh_init(p)]
+        missing = [p for p in missing if p not in kept_fresh]
         unexpected = sorted(set(loaded_flat) - set(fresh_flat))
-        mismatched, kept_fresh = [], []
+        mismatched = []
         for path in sorted(set(fresh_flat) & set(loaded_flat)):
             if tuple(fresh_flat[path].shape) != tuple(np.shape(loaded_flat[path])):
                 stripped = path.split("/", 1)[1]
@@ -131,7 +133,8 @@ class Experiment:
                 f"{getattr(self.task, 'num_classes', '?')} classes: "
                 f"shape mismatches {mismatched[:5]}, missing {missing[:5]}, unexpected {unexpected[:5]}{hint}.")
         if kept_fresh:
-            logging.warning("Re-initialised the classifier (reinit_classifier=True): %s", kept_fresh)
+            logging.warning("Kept the fresh initialisation of %d variables not taken from init_from: %s",
+                            len(kept_fresh), kept_fresh[:8])
 
         def pick(path, f):
             p = _path_str(path)
@@ -276,19 +279,8 @@ def setup_experiment(config, devices=None) -> Experiment:
 
 
 def _load_variables(config, task: Task) -> dict:
-    """Converted weights for ``init_from``, checked against the model's classes; with
-    ``reinit_classifier`` a checkpoint with another number of classes (e.g. ImageNet's 1000)
-    is accepted and its classifier replaced later."""
-    from evit_jax.convert import load_variables  # lazily: only fine-tuning/eval of converted weights
-
-    path, ema = os.path.expanduser(config.init_from), bool(config.init_use_ema)
-    num_classes = getattr(task, "num_classes", None)
-    try:
-        return load_variables(path, task.model_name, use_ema=ema, num_classes=num_classes)
-    except ValueError:
-        if not config.reinit_classifier:
-            raise
-        return load_variables(path, task.model_name, use_ema=ema)  # the checkpoint's own head
+    """Converted weights for ``init_from``, as the task reads them (Task.load_init_variables)."""
+    return task.load_init_variables(os.path.expanduser(config.init_from), use_ema=bool(config.init_use_ema))
 
 
 # ---------------------------------------------------------------------------- evaluation
