@@ -9,8 +9,8 @@ convention); XLA's own estimate (`compiled.cost_analysis()` flops / 2, which als
 is printed beside it. Images/s is the median over `--iters` timed calls of the jitted eval-mode forward
 (`block_until_ready` each call) after warm-up; the batch is split over all local devices. MFU = 2 x MACs x
 images/s / peak. With `--compare-timm` the same-named timm model runs in the same process, eager,
-`torch.inference_mode()`, channels_last, same batch/resolution/dtype/thread count, its calls interleaved
-with the JAX calls so that both see the same machine load.
+`torch.inference_mode()`, channels_last, same batch/resolution/dtype/thread count, timed in phases that
+alternate with the JAX phases (A B A B) so that both see the same machine load.
 
 `--sweep-resolution ...` hands the command line to evit_jax.cost_sweep (attention cost vs resolution).
 """
@@ -118,17 +118,26 @@ class Timing:
         return min(self.seconds)
 
 
-def time_interleaved(calls: dict[str, Callable[[], Any]], iters: int, warmup: int = 2) -> dict[str, Timing]:
-    """Time each callable `iters` times, round-robin, so that they all share the same machine load."""
+def time_in_phases(calls: dict[str, Callable[[], Any]], iters: int, warmup: int = 2, rounds: int = 2,
+                   pause_s: float = 0.5) -> dict[str, Timing]:
+    """Time each callable `iters` times in `rounds` alternating phases (A..A B..B A..A B..B).
+
+    Phases, not call-by-call interleaving: XLA's and PyTorch's worker threads spin for a while after each
+    call, and on a small CPU one framework's spinning threads would steal the cores of the other's next
+    call. The pause lets them park; alternating phases still exposes both to the same load trend.
+    """
     for fn in calls.values():
         for _ in range(warmup):
             fn()
     seconds: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(iters):
+    per_round = [iters // rounds + (1 if r < iters % rounds else 0) for r in range(rounds)]
+    for n in per_round:
         for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            seconds[name].append(time.perf_counter() - start)
+            time.sleep(pause_s if len(calls) > 1 else 0.0)
+            for _ in range(n):
+                start = time.perf_counter()
+                fn()
+                seconds[name].append(time.perf_counter() - start)
     return {name: Timing(s) for name, s in seconds.items()}
 
 
@@ -225,7 +234,7 @@ def benchmark(
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if timm_name:
         calls["timm"] = _timm_forward(timm_name, batch, height, width, dtype, threads)
-    timings = time_interleaved(calls, iters, warmup)
+    timings = time_in_phases(calls, iters, warmup)
 
     device = jax.local_devices()[0]
     peak_value, peak_source = peak_tflops(device, dtype, peak)
@@ -284,7 +293,7 @@ def model_table(names: Sequence[str] | None = None, log: Callable[[str], None] =
         rows.append(row)
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         log(f"| {spec.name} | {h}x{w} | {row['params_m']:.2f} | {fmt(paper_params, '.2f')} | "
-            f"{_gmacs_str(row['gmacs'])} | {fmt(paper_macs, 'g')} |")
+            f"{_gmacs_str(row['gmacs'])} | {fmt(paper_macs, '.2f' if paper_macs and paper_macs < 1 else 'g')} |")
     return rows
 
 
