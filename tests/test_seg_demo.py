@@ -70,3 +70,31 @@ def test_real_dataset_missing_is_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare it with"):
         loop.run(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()                  # nothing written before the error
+
+
+def test_loop_starts_a_seg_model_from_a_classification_backbone(tmp_path):
+    """init_from an ImageNet-style checkpoint: the loop takes the backbone, the head keeps its fresh init."""
+    import jax
+    from evit_jax.convert import save_variables
+    from evit_jax.models import create_model
+    from evit_jax.train import loop
+
+    config = demo_seg.get_config("smoke")
+    config.data.data_dir = str(tmp_path / "data")
+    cls_model = create_model("efficientvit_b0")
+    cls_vars = jax.jit(lambda k: cls_model.init(k, np.zeros((1, 32, 32, 3), np.float32), train=False))(jax.random.key(7))
+    save_variables(jax.device_get(cls_vars), tmp_path / "cls", "efficientvit_b0")
+    config.init_from = str(tmp_path / "cls")
+
+    experiment = loop.setup_experiment(config)
+    fresh = experiment.init_state()
+    fresh_head = jax.device_get(fresh.params["head"])
+    loaded = loop._load_variables(config, experiment.task)
+    state = experiment.state_from_variables(fresh, loaded)
+
+    for got, want in zip(jax.tree_util.tree_leaves(jax.device_get(state.params["backbone"])),
+                         jax.tree_util.tree_leaves(cls_vars["params"]["backbone"])):
+        np.testing.assert_array_equal(got, np.asarray(want))
+    for got, want in zip(jax.tree_util.tree_leaves(jax.device_get(state.params["head"])),
+                         jax.tree_util.tree_leaves(fresh_head)):
+        np.testing.assert_array_equal(got, want)
