@@ -48,6 +48,7 @@ task's model returns (logits for classification, stride-8 logits for segmentatio
 from __future__ import annotations
 
 import abc
+import os
 from typing import Any, Iterable, Iterator, Mapping
 
 import jax
@@ -162,3 +163,37 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def eval_statistics(self, outputs: Any, targets: Any, mask: jax.Array) -> dict[str, jax.Array]:
         """Per-batch summable statistics ignoring padded examples; runs inside jit."""
+
+
+class DatasetTask(Task):
+    """A task reading one dataset of `evit_jax.data.sources` (``config.data.name`` in
+    ``config.data.data_dir``) with a model of the zoo (``config.model.name``)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._info = None
+
+    @property
+    def data_dir(self) -> str:
+        return os.path.expanduser(self.config.data.data_dir)
+
+    @property
+    def info(self):
+        """The dataset's `sources.DatasetInfo` (classes, split sizes, ignore index), read once."""
+        from evit_jax.data import sources
+
+        if self._info is None:
+            self._info = sources.get_info(self.config.data.name, self.data_dir)
+        return self._info
+
+    @property
+    def num_classes(self) -> int:
+        """config.model.num_classes when set (> 0), else the dataset's."""
+        n = self.config.model.num_classes
+        return int(n) if n and n > 0 else self.info.num_classes
+
+    @property
+    def model_name(self) -> str:
+        from evit_jax.models import get_model_spec
+
+        return get_model_spec(self.config.model.name).name

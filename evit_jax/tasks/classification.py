@@ -10,7 +10,6 @@ top-1/top-5 counts for evaluation.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 import jax
@@ -21,7 +20,7 @@ from flax import linen as nn
 
 from evit_jax.data import pipeline, sources, transforms
 from evit_jax.models import create_model, get_model_spec
-from evit_jax.tasks.base import Task
+from evit_jax.tasks.base import DatasetTask
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
@@ -101,34 +100,12 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     return jnp.any(top == labels[:, None], axis=-1)
 
 
-class ClassificationTask(Task):
+class ClassificationTask(DatasetTask):
     """See the module docstring; config keys under ``model``, ``data``, ``loss``, ``mix``."""
 
     name = "classification"
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._info = None
-
     # ------------------------------------------------------------------ host side
-    @property
-    def data_dir(self) -> str:
-        return os.path.expanduser(self.config.data.data_dir)
-
-    @property
-    def info(self) -> sources.DatasetInfo:
-        if self._info is None:
-            self._info = sources.get_info(self.config.data.name, self.data_dir)
-        return self._info
-
-    @property
-    def num_classes(self) -> int:
-        n = self.config.model.num_classes
-        return int(n) if n and n > 0 else self.info.num_classes
-
-    @property
-    def model_name(self) -> str:
-        return get_model_spec(self.config.model.name).name
 
     def check(self) -> None:
         spec = get_model_spec(self.config.model.name)  # ValueError on an unknown model

@@ -31,7 +31,6 @@ the backbone and leaves the head freshly initialised (see :meth:`load_init_varia
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Mapping
 
 import jax
@@ -44,7 +43,7 @@ from flax import linen as nn
 from evit_jax.data import pipeline, seg_transforms, sources
 from evit_jax.models import create_model, get_model_spec, list_models
 from evit_jax.tasks import seg_metrics
-from evit_jax.tasks.base import Task
+from evit_jax.tasks.base import DatasetTask
 from evit_jax.tasks.classification import normalize_images
 
 EVAL_PROTOCOLS = ("cityscapes", "ade20k", "none")
@@ -180,32 +179,14 @@ def _sanitize(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------- the task
-class SegmentationTask(Task):
+class SegmentationTask(DatasetTask):
     """See the module docstring. Config keys: ``model``, ``data`` (``image_sizes`` = train
     crops, ``scale_range``, ``base_size``, ``hflip``, ``photometric``, ``eval_protocol``,
     ``eval_crop_size``, ``eval_image_canvas``, ``eval_label_canvas``), ``loss.upsample``."""
 
     name = "segmentation"
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._info = None
-
     # ------------------------------------------------------------------ host side
-    @property
-    def data_dir(self) -> str:
-        return os.path.expanduser(self.config.data.data_dir)
-
-    @property
-    def info(self) -> sources.DatasetInfo:
-        if self._info is None:
-            self._info = sources.get_info(self.config.data.name, self.data_dir)
-        return self._info
-
-    @property
-    def num_classes(self) -> int:
-        n = self.config.model.num_classes
-        return int(n) if n and n > 0 else self.info.num_classes
 
     @property
     def ignore_index(self) -> int:
@@ -217,10 +198,6 @@ class SegmentationTask(Task):
         if names is not None and len(names) == self.num_classes:
             return list(names)
         return [f"class_{i}" for i in range(self.num_classes)]
-
-    @property
-    def model_name(self) -> str:
-        return get_model_spec(self.config.model.name).name
 
     def check(self) -> None:
         c = self.config
