@@ -33,15 +33,15 @@ def get_config(arg: str = "") -> "ml_collections.ConfigDict":
     c.optim.weight_decay = 0.05
     c.num_epochs = 0
     c.warmup_epochs = 0
-    c.total_steps = 1000
+    c.total_steps = 1600
     c.warmup_steps = 100
     c.loss.bce = False
     c.loss.label_smoothing = 0.1
     c.ema.decay = 0.998
     c.ema.warmup_steps = 100.0
     c.log_every_steps = 50
-    c.eval_every_steps = 250
-    c.checkpoint.every_steps = 500
+    c.eval_every_steps = 400
+    c.checkpoint.every_steps = 800
     c.checkpoint.keep = 2
 
     if arg == "smoke":
