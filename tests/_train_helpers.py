@@ -61,7 +61,7 @@ def _tiny_module():
 
 def register_tiny_model() -> None:
     """Makes the classification task accept model name ``tiny_test_cnn``."""
-    from evit_jax.tasks import classification
+    from evit_jax.tasks import base, classification
 
     if getattr(classification, "_tiny_registered", False):
         return
@@ -80,6 +80,7 @@ def register_tiny_model() -> None:
 
     classification.create_model = create_model
     classification.get_model_spec = get_model_spec
+    base.get_model_spec = get_model_spec  # DatasetTask.model_name
     classification._tiny_registered = True
 
 

@@ -55,6 +55,8 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from evit_jax.models import get_model_spec
+
 Batch = Mapping[str, Any]
 Resolution = tuple[int, int]
 
@@ -194,6 +196,4 @@ class DatasetTask(Task):
 
     @property
     def model_name(self) -> str:
-        from evit_jax.models import get_model_spec
-
         return get_model_spec(self.config.model.name).name
