@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from evit_jax.models.attention import EfficientViTBlock
+from evit_jax.models.backbone import EfficientViTBackbone
 from evit_jax.models.layers import ConvLayer, DSConv, LayerConfig, MBConv, make_residual
 from evit_jax.models.resize import resize_bicubic
 
@@ -95,9 +96,8 @@ class EfficientViTV1Backbone(nn.Module):
     quadratic_fallback: bool = True
     drop_path_rates: Sequence[float] = ()
 
-    @staticmethod
-    def num_identity_blocks(depths: Sequence[int]) -> int:
-        return depths[0] + (depths[1] - 1) + (depths[2] - 1) + 2 * depths[3] + 2 * depths[4]
+    # Same stage layout as the released B backbone: the same identity-residual count.
+    num_identity_blocks = staticmethod(EfficientViTBackbone.num_identity_blocks)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
