@@ -153,14 +153,22 @@ def _timm_forward(name: str, batch: int, height: int, width: int, dtype: str, th
 
     if not timm.is_model(name):
         raise ValueError(f"timm has no model {name!r}")
+    from evit_jax.train.bench import torch_device  # noqa: PLC0415
+
     torch.set_num_threads(threads)
+    device = torch_device()  # the GPU when JAX runs on one: same hardware for both
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    model = timm.create_model(name, pretrained=False).eval().to(dtype=torch_dtype, memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, height, width, dtype=torch_dtype).contiguous(memory_format=torch.channels_last)
+    model = timm.create_model(name, pretrained=False).eval().to(device, torch_dtype,
+                                                                memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, height, width, dtype=torch_dtype, device=device).contiguous(
+        memory_format=torch.channels_last)
 
     def forward():
         with torch.inference_mode():
-            return model(x)
+            out = model(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
 
     return forward
 
@@ -247,7 +255,10 @@ def benchmark(
     )
     result["mfu"] = (2 * macs * result["jax_images_per_s"] / (peak_value * 1e12)) if peak_value else None
     if timm_name:
-        result.update(timm_model=timm_name, timm_threads=threads, timm_images_per_s=batch / timings["timm"].median,
+        from evit_jax.train.bench import torch_device  # noqa: PLC0415
+
+        result.update(timm_model=timm_name, timm_threads=threads, timm_device=torch_device(),
+                      timm_images_per_s=batch / timings["timm"].median,
                       timm_images_per_s_best=batch / timings["timm"].best)
         result["jax_over_timm"] = result["jax_images_per_s"] / result["timm_images_per_s"]
     _report(result, timm_skip, log)
@@ -268,7 +279,7 @@ def _report(r: dict[str, Any], timm_skip: str, log: Callable[[str], None]) -> No
         log(f"MFU              n/a ({r['peak_source']})")
     if "timm_images_per_s" in r:
         log(f"timm images/s    {r['timm_images_per_s']:.1f} (timm {r['timm_model']}, eager, inference_mode, "
-            f"channels_last, {r['timm_threads']} threads; best {r['timm_images_per_s_best']:.1f})")
+            f"channels_last, {r['timm_device']}, {r['timm_threads']} threads; best {r['timm_images_per_s_best']:.1f})")
         log(f"JAX / timm       {r['jax_over_timm']:.2f}x")
     elif timm_skip:
         log(timm_skip)

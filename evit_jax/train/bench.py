@@ -19,6 +19,21 @@ import numpy as np
 import optax
 
 
+def torch_device() -> str:
+    """Where the PyTorch reference runs: the GPU when JAX runs on one and torch sees it, else the CPU,
+    so that a --compare-timm ratio always compares the two frameworks on the same hardware."""
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def _timed(step: Callable[[], None], steps: int, warmup: int) -> float:
     for _ in range(warmup):
         step()
@@ -75,41 +90,47 @@ def benchmark_train_step(model_name: str = "efficientvit_b1", batch: int = 16, r
     seconds = _timed(run, steps, warmup)
     return {"framework": "evit_jax", "model": model_name, "batch": batch, "res": res,
             "images_per_s": steps * batch / seconds, "step_ms": 1000 * seconds / steps,
-            "compile_s": compile_s, "backend": jax.default_backend()}
+            "compile_s": compile_s, "backend": jax.default_backend(), "dtype": dtype}
 
 
 def benchmark_timm_train_step(model_name: str = "efficientvit_b1", batch: int = 16, res: int = 224, *,
-                              steps: int = 5, warmup: int = 2, threads: int | None = None) -> dict:
-    """images/s of timm's model with a plain PyTorch train step (AdamW, clip-by-value), CPU,
-    channels_last, float32."""
+                              steps: int = 5, warmup: int = 2, threads: int | None = None,
+                              dtype: str = "float32") -> dict:
+    """images/s of timm's model with a plain PyTorch train step (AdamW, clip-by-value), channels_last,
+    on the GPU when JAX runs on one (:func:`torch_device`), else the CPU; bfloat16 = autocast."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import timm
     import torch
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
-    model = timm.create_model(model_name, pretrained=False).train().to(memory_format=torch.channels_last)
+    device = torch_device()
+    model = timm.create_model(model_name, pretrained=False).train().to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, res, res, generator=g).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), generator=g)
+    x = torch.randn(batch, 3, res, res, generator=g).to(device, memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), generator=g).to(device)
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
     def run():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), torch.nn.functional.one_hot(y, 1000).float())
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            logits = model(x)
+        loss = loss_fn(logits.float(), torch.nn.functional.one_hot(y, 1000).float())
         loss.backward()
         torch.nn.utils.clip_grad_value_(model.parameters(), 2.0)
         opt.step()
+        _synchronize(device)
 
     seconds = _timed(run, steps, warmup)
     return {"framework": f"timm {timm.__version__} / torch {torch.__version__}", "model": model_name,
             "batch": batch, "res": res, "images_per_s": steps * batch / seconds,
-            "step_ms": 1000 * seconds / steps, "threads": torch.get_num_threads()}
+            "step_ms": 1000 * seconds / steps, "threads": torch.get_num_threads(), "device": device,
+            "dtype": dtype}
 
 
 def _format(r: dict) -> str:
     extra = f", compile {r['compile_s']:.1f}s" if "compile_s" in r else ""
-    return (f"{r['framework']:<34} {r['model']} batch {r['batch']} @{r['res']}px: "
+    return (f"{r['framework']:<34} {r['model']} batch {r['batch']} @{r['res']}px {r['dtype']}: "
             f"{r['images_per_s']:.1f} images/s ({r['step_ms']:.0f} ms/step{extra})")
 
 
@@ -121,14 +142,18 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--conv-impl", default="auto")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype (params and optimizer state stay float32)")
     parser.add_argument("--compare-timm", action="store_true")
     args = parser.parse_args(argv)
-    print(f"machine: {os.cpu_count()} CPU cores, {jax.default_backend()} backend, jax {jax.__version__}", flush=True)
+    print(f"machine: {os.cpu_count()} CPU cores, {jax.default_backend()} backend "
+          f"({jax.devices()[0].device_kind}), jax {jax.__version__}", flush=True)
     print(_format(benchmark_train_step(args.model, args.batch, args.res, steps=args.steps,
-                                       warmup=args.warmup, conv_impl=args.conv_impl)), flush=True)
+                                       warmup=args.warmup, conv_impl=args.conv_impl, dtype=args.dtype)), flush=True)
     if args.compare_timm:
-        print(_format(benchmark_timm_train_step(args.model, args.batch, args.res, steps=args.steps,
-                                                warmup=args.warmup)), flush=True)
+        r = benchmark_timm_train_step(args.model, args.batch, args.res, steps=args.steps,
+                                      warmup=args.warmup, dtype=args.dtype)
+        print(_format(r) + f" on {r['device']}", flush=True)
 
 
 if __name__ == "__main__":
