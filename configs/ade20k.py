@@ -5,9 +5,9 @@
     python -m evit_jax.main --config=configs/ade20k.py:b1 --workdir=/tmp/ade_b1_eval \
         --config.mode=eval --config.init_from=efficientvit_seg_b1_ade20k.pt
 
-arg: b1 | b2 | b3 | l1 | l2 (there is no official B0 ADE20K model). Evaluation pads every
-resized image to ``data.eval_image_canvas`` and every label to ``data.eval_label_canvas``
-(see docs/segmentation.md for what that means for exactness).
+arg: b1 | b2 | b3 | l1 | l2 (there is no official B0 ADE20K model). Evaluation batches images of
+equal input size together (one compiled eval step per size; see docs/segmentation.md), so every
+image is evaluated at exactly its own size, as the official code does.
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ def get_config(arg: str = "b1"):
     c.data.base_size = (2048, 512)        # short side 512 (long side <= 2048), scaled 0.5x..2x
     c.data.eval_protocol = "ade20k"
     c.data.eval_crop_size = 512           # short side 512, long side rounded up to a multiple of 32
-    c.data.eval_image_canvas = (2048, 2048)
-    c.data.eval_label_canvas = (2560, 2560)
     c.data.num_workers = 8
     c.global_batch_size = 16
     c.eval_batch_size = 8

@@ -74,7 +74,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.sharding.fsdp_size = -1          # devices on the fsdp axis (-1: all)
 
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 1000
+    c.checkpoint.every_steps = 1000    # <=0: only at the end (and on preemption)
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
 

@@ -26,8 +26,6 @@ def get_config(arg: str = ""):
     c.data.base_size = ()                 # scale the 128-px scene itself
     c.data.eval_protocol = "none"         # evaluated at the native 128x128
     c.data.eval_crop_size = 128
-    c.data.eval_image_canvas = (128, 128)
-    c.data.eval_label_canvas = (128, 128)
     c.data.num_workers = 0
     c.global_batch_size = 16
     c.eval_batch_size = 100
@@ -48,8 +46,6 @@ def get_config(arg: str = ""):
     if arg == "smoke":
         c.data.name = "evit_seg_shapes/tiny"
         c.data.eval_crop_size = 64
-        c.data.eval_image_canvas = (64, 64)
-        c.data.eval_label_canvas = (64, 64)
         c.data.image_sizes = [32]         # 32-px crops of the 64-px scenes: fast
         c.global_batch_size = 8
         c.eval_batch_size = 12            # 32 validation images: the last batch is padded

@@ -25,8 +25,6 @@ def get_seg_base_config() -> ml_collections.ConfigDict:
         # Eval (official protocol, evit_jax.data.seg_transforms.eval_input_size).
         c.data.eval_protocol = "cityscapes"  # "cityscapes" (crop x 2crop) | "ade20k" (short side crop, long ceil32) | "none"
         c.data.eval_crop_size = 1024
-        c.data.eval_image_canvas = (1024, 2048)  # every eval image is padded to this (h, w) (multiple of 32)
-        c.data.eval_label_canvas = (1024, 2048)  # every eval label is padded (255) to this (h, w)
         c.data.rrc_scale_min = 0.0         # unused by segmentation
         c.data.eval_crop_ratio = 1.0       # unused by segmentation
 

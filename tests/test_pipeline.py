@@ -143,6 +143,47 @@ def test_eval_sees_every_example_once_with_exact_padding(process_count, global_b
     assert sorted(seen) == list(range(n))
 
 
+def test_eval_batch_plan_groups_by_key_and_pads_each_bucket():
+    keys = ["b", "a", "b", "c", "b", "a", "b", "b"]
+    plan = pipeline.eval_batch_plan(keys, global_batch_size=2)
+    assert [key for key, _, _ in plan] == ["a", "b", "b", "b", "c"]
+    real = [int(i) for _, indices, mask in plan for i, m in zip(indices, mask) if m]
+    assert sorted(real) == list(range(len(keys)))                      # every example once
+    for key, indices, mask in plan:
+        assert all(keys[i] == key for i in indices)                     # padding has the bucket's shape too
+        assert mask[0] and list(mask) == sorted(mask, reverse=True)    # real first, padding last
+    assert [list(m) for _, _, m in plan] == [[1, 1], [1, 1], [1, 1], [1, 0], [1, 0]]
+    with pytest.raises(ValueError, match="empty"):
+        pipeline.eval_batch_plan([], 2)
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_bucketed_eval_batches_agree_across_processes(process_count):
+    """Images of 3 sizes: every global batch holds one size, the processes' local batches have
+    that size at the same index, and together they hold every example once."""
+    sizes = [8, 12, 8, 16, 12, 8, 8, 12, 16]
+    source = [{"image": np.full((s, s, 3), i, np.uint8), "label": i} for i, s in enumerate(sizes)]
+
+    def transform(example, key):
+        assert example["image"].shape[0] == key
+        return {"image": example["image"], "label": np.int32(example["label"])}
+
+    per_process = [list(pipeline.make_bucketed_eval_iterator(
+        source, transform, sizes, global_batch_size=4, process_index=p, process_count=process_count))
+        for p in range(process_count)]
+    assert len({len(batches) for batches in per_process}) == 1
+    seen = []
+    for step in range(len(per_process[0])):
+        local = [batches[step] for batches in per_process]
+        assert len({b["image"].shape for b in local}) == 1 and local[0]["image"].shape[0] == 4 // process_count
+        for b in local:
+            seen.extend(b["label"][b["mask"] == 1].tolist())
+    assert sorted(seen) == list(range(len(sizes)))
+    with pytest.raises(ValueError, match="bucket keys"):
+        pipeline.make_bucketed_eval_iterator(source, transform, sizes[:-1], global_batch_size=4,
+                                             process_index=0, process_count=1)
+
+
 def test_worker_processes_give_the_same_batches(tmp_path):
     source = sources.get_source("evit_shapes/tiny", "train", str(tmp_path))
     kwargs = dict(global_batch_size=8, image_sizes=[16, 24], seed=0, process_index=0,

@@ -185,7 +185,7 @@ _EVAL_SCRIPT = textwrap.dedent("""
     config.tensorboard = False
     experiment = loop.setup_experiment(config)
     state = experiment.init_state()
-    results = loop.evaluate(experiment, experiment.compile_eval_step(), state, include_ema=False)
+    results = loop.evaluate(experiment, state, include_ema=False)
     print("RESULT " + json.dumps(results))
 """)
 
@@ -206,3 +206,136 @@ def test_eval_on_4_devices_equals_one_device(data_dir):
     assert set(one) == set(four)
     for key in one:
         np.testing.assert_allclose(four[key], one[key], rtol=0, atol=1e-12, err_msg=key)
+
+
+# ---------------------------------------------------------------------------- exact ADE20K eval
+# (height, width) of the tiny ADE20K validation images. Under the ADE20K protocol with a 64-px
+# short side they need four model input sizes: 64x64 (1 image), 64x96 (4 images with three
+# different label sizes), 96x64 (1) and 128x64 (1).
+ADE_VAL_SIZES = [(40, 56), (56, 40), (40, 60), (48, 48), (40, 56), (64, 40), (40, 52)]
+ADE_INPUTS = [(64, 64), (64, 96), (64, 96), (96, 64), (128, 64)]   # of the 5 eval batches of 2
+
+
+@pytest.fixture(scope="module")
+def ade_data_dir(tmp_path_factory):
+    from PIL import Image
+
+    from evit_jax.data import prepare
+
+    root = tmp_path_factory.mktemp("ade")
+    src = root / "ADEChallengeData2016"
+    rng = np.random.default_rng(0)
+    for split, prefix, sizes in (("training", "train", [(48, 64)]), ("validation", "val", ADE_VAL_SIZES)):
+        for k, (h, w) in enumerate(sizes):
+            stem = f"ADE_{prefix}_{k + 1:08d}"
+            # Smooth images (a gradient plus noise) so that the model's outputs vary over the image.
+            yy, xx = np.mgrid[0:h, 0:w]
+            image = (np.stack([yy * 255 // h, xx * 255 // w, (yy + xx) % 256], -1)
+                     + rng.integers(0, 40, (h, w, 3))).clip(0, 255).astype(np.uint8)
+            raw = rng.integers(0, 151, (h, w), dtype=np.uint8)
+            for folder, array, ext in (("images", image, "jpg"), ("annotations", raw, "png")):
+                path = src / folder / split / f"{stem}.{ext}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(path)
+    data_dir = str(root / "data")
+    prepare.prepare("ade20k", data_dir, str(src))
+    return data_dir
+
+
+def ade_config(data_dir):
+    sys.path.insert(0, REPO)
+    from configs import ade20k
+
+    config = ade20k.get_config("b1")
+    config.model.name = "efficientvit_seg_b0_cityscapes"   # the smallest seg model, with ADE's 150 classes
+    config.model.dtype = "float32"
+    config.model.drop_path_rate = 0.0
+    config.data.data_dir = data_dir
+    config.data.image_sizes = [(64, 64)]
+    config.data.eval_crop_size = 64        # short side 64, long side rounded up to a multiple of 32
+    config.data.num_workers = 0
+    config.eval_batch_size = 2
+    config.tensorboard = False
+    return config
+
+
+def test_image_sizes_come_from_the_headers(ade_data_dir):
+    from evit_jax.data import sources
+
+    sizes = sources.image_sizes("ade20k", "validation", ade_data_dir)
+    source = sources.get_source("ade20k", "validation", ade_data_dir)
+    assert sizes.shape == (len(ADE_VAL_SIZES), 2)
+    assert [tuple(s) for s in sizes] == [source[i]["image"].shape[:2] for i in range(len(source))]
+    assert sorted(map(tuple, sizes)) == sorted(ADE_VAL_SIZES)
+
+
+def test_ade20k_eval_batches_hold_one_input_size_and_no_image_padding(ade_data_dir):
+    from evit_jax.tasks import get_task
+
+    task = get_task(ade_config(ade_data_dir))
+    batches = list(task.eval_iterator(2))
+    assert [task.eval_batch_key(b)[0] for b in batches] == ADE_INPUTS
+    assert sum(int(b["mask"].sum()) for b in batches) == len(ADE_VAL_SIZES)
+    seen = []
+    for b in batches:
+        (h, w), (lh, lw) = task.eval_batch_key(b)
+        for k in np.flatnonzero(b["mask"]):
+            assert tuple(b["image_hw"][k]) == (h, w)        # the model sees the whole input, unpadded
+            th, tw = b["label_hw"][k]
+            assert th <= lh and tw <= lw and (b["label"][k, th:] == 255).all() and (b["label"][k, :, tw:] == 255).all()
+            assert seg_transforms.ade20k_eval_size(int(th), int(tw), 64) == (h, w)
+            seen.append((int(th), int(tw)))
+    assert sorted(seen) == sorted(ADE_VAL_SIZES)
+    # The label canvas of the 64x96 bucket is its largest label, 40x60.
+    assert {task.eval_batch_key(b) for b in batches if task.eval_batch_key(b)[0] == (64, 96)} == {((64, 96), (40, 60))}
+
+
+def test_ade20k_eval_equals_the_official_batch_one_protocol(ade_data_dir, torch):
+    """loop.evaluate (bucketed batches of 2, one executable per input size) gives the same mIoU as
+    running every image alone at its own size, upsampling with torch's bicubic and counting in numpy."""
+    from evit_jax.data import sources
+    from evit_jax.tasks import seg_metrics
+    from evit_jax.tasks.classification import normalize_images
+    from evit_jax.train import loop
+    from evit_jax.train.state import model_variables
+
+    config = ade_config(ade_data_dir)
+    experiment = loop.setup_experiment(config)
+    state = experiment.init_state()
+    # The fresh head predicts almost nothing (zero-initialised output); perturbed weights give
+    # logits that vary over each image, and that padding the image would change (for about 40%
+    # of the pixels here, through the global attention and the border convolutions).
+    leaves, treedef = jax.tree_util.tree_flatten(state.params)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    state = state.replace(params=jax.tree_util.tree_unflatten(
+        treedef, [p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]))
+    results = loop.evaluate(experiment, state, include_ema=False)
+    assert len(experiment.eval_executables) == 4
+    assert results["eval/num_examples"] == len(ADE_VAL_SIZES)
+
+    variables = model_variables(state)
+    forward = jax.jit(lambda v, x: experiment.model.apply(v, x, train=False))
+    source = sources.get_source("ade20k", "validation", ade_data_dir)
+    stats = {k: np.zeros(150, np.int64) for k in seg_metrics.STAT_KEYS}
+    predicted_classes = set()
+    for i in range(len(source)):
+        record = source[i]
+        example = seg_transforms.eval_transform(record["image"], record["segmentation_mask"], "ade20k", 64)
+        logits = np.asarray(forward(variables, normalize_images(example["image"][None])))
+        upsampled = torch.nn.functional.interpolate(torch.from_numpy(logits.copy()).permute(0, 3, 1, 2),
+                                                    size=example["label"].shape, mode="bicubic",
+                                                    align_corners=False)
+        pred = upsampled.argmax(1)[0].numpy()
+        predicted_classes.update(np.unique(pred).tolist())
+        label = example["label"]
+        valid = label != 255
+        for c in range(150):
+            p, t = (pred == c) & valid, (label == c) & valid
+            stats["intersection"][c] += np.sum(p & t)
+            stats["union"][c] += np.sum(p | t)
+            stats["label_area"][c] += np.sum(t)
+            stats["pred_area"][c] += np.sum(p)
+    assert len(predicted_classes) >= 2
+    want = seg_metrics.segmentation_metrics(stats)
+    for key, value in want.items():
+        np.testing.assert_allclose(results[f"eval/{key}"], value, rtol=0, atol=1e-12, err_msg=key)

@@ -236,6 +236,91 @@ def make_eval_iterator(source: Sequence[dict[str, Any]],
     return _finish(dataset, worker_count, read_threads, prefetch_batches)
 
 
+def eval_batch_plan(keys: Sequence[Any], global_batch_size: int) -> list[tuple[Any, np.ndarray, np.ndarray]]:
+    """Groups a split's examples into global eval batches whose examples share a key.
+
+    ``keys[i]`` is example i's bucket (e.g. its model input shape; keys must be sortable).
+    Returns, in sorted key order, one ``(key, indices, real)`` per global batch: ``indices``
+    (G,) are example indices in ascending order within the bucket, and the tail of each
+    bucket's last batch repeats the bucket's first example with ``real`` False (padding of
+    the right shape, masked out of the metrics). Every example appears exactly once as real.
+    """
+    if global_batch_size <= 0:
+        raise ValueError(f"global_batch_size must be positive, got {global_batch_size}.")
+    if len(keys) == 0:
+        raise ValueError("The evaluation source is empty.")
+    buckets: dict[Any, list[int]] = {}
+    for index, key in enumerate(keys):
+        buckets.setdefault(key, []).append(index)
+    plan = []
+    for key in sorted(buckets):
+        members = np.asarray(buckets[key], np.int64)
+        for start in range(0, len(members), global_batch_size):
+            chunk = members[start:start + global_batch_size]
+            pad = global_batch_size - len(chunk)
+            plan.append((key, np.concatenate([chunk, np.full(pad, members[0])]),
+                         np.arange(global_batch_size) < len(chunk)))
+    return plan
+
+
+@dataclasses.dataclass(frozen=True)
+class _PlannedShard:
+    """This process's part of every planned global batch: positions [p*L, (p+1)*L) of each,
+    so that the processes' local batches concatenate (in process order) to the global batch."""
+
+    source: Sequence[dict[str, Any]]
+    items: tuple[tuple[int, bool, Any], ...]   # (example index, real, bucket key) per local position
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> tuple[dict[str, Any], bool, Any]:
+        index, real, key = self.items[k]
+        return self.source[index], real, key
+
+
+@dataclasses.dataclass(frozen=True)
+class _BucketedEvalExample(grain.transforms.Map):
+    transform_fn: Callable[[dict[str, Any], Any], Batch]
+
+    def map(self, item: tuple[dict[str, Any], bool, Any]) -> Batch:
+        example, real, key = item
+        out = dict(self.transform_fn(example, key))
+        out["mask"] = np.int32(real)
+        return out
+
+
+def make_bucketed_eval_iterator(source: Sequence[dict[str, Any]],
+                                transform_fn: Callable[[dict[str, Any], Any], Batch],
+                                keys: Sequence[Any],
+                                *,
+                                global_batch_size: int,
+                                process_index: int,
+                                process_count: int,
+                                worker_count: int = 0,
+                                read_threads: int = 2,
+                                prefetch_batches: int = 2) -> grain.DatasetIterator:
+    """One pass over `source` in batches of examples that share a key (:func:`eval_batch_plan`).
+
+    For splits whose examples need different shapes (ADE20K's eval inputs follow each image's
+    aspect ratio): every global batch holds one bucket, so its shapes are the same on every
+    process and the model sees each image exactly as the official batch-1 evaluation does.
+    ``transform_fn(example, key)`` returns the example's arrays for its bucket's shapes; the
+    batch carries "mask" (1 real, 0 padding). Every process yields the same number of
+    batches, and the same key at the same batch index.
+    """
+    local_batch = local_batch_size(global_batch_size, process_count)
+    _check_process(process_index, process_count)
+    if len(keys) != len(source):
+        raise ValueError(f"{len(keys)} bucket keys for a source of {len(source)} examples.")
+    lo, hi = process_index * local_batch, (process_index + 1) * local_batch
+    items = tuple((int(i), bool(r), key) for key, indices, real in eval_batch_plan(keys, global_batch_size)
+                  for i, r in zip(indices[lo:hi], real[lo:hi]))
+    dataset = grain.MapDataset.source(_PlannedShard(source, items)).map(_BucketedEvalExample(transform_fn))
+    dataset = dataset.batch(local_batch, drop_remainder=True, batch_fn=_stack)
+    return _finish(dataset, worker_count, read_threads, prefetch_batches)
+
+
 def to_global_batch(local_batch: Mapping[str, np.ndarray], sharding: Any) -> dict[str, Any]:
     """Assembles the processes' local batches into global jax.Arrays.
 

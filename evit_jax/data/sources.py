@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import io
 import os
 import time
 from typing import Any, Callable, Sequence
 
+import numpy as np
+import PIL.Image
 import tensorflow_datasets as tfds
 
 _FILE_FORMAT = "array_record"
@@ -203,6 +206,10 @@ def get_source(name: str, split: str, data_dir: str) -> Sequence[dict[str, Any]]
     The source has `len()` and `source[i]` -> dict of decoded numpy features (images
     uint8 HWC). `split` accepts tfds slicing (`"train[:90%]"`).
     """
+    return _split_builder(name, split, data_dir).as_data_source(split=split)
+
+
+def _split_builder(name: str, split: str, data_dir: str) -> tfds.core.DatasetBuilder:
     data_dir = _normalise_dir(data_dir)
     builder = prepare(name, data_dir)
     _check_random_access(builder, name, data_dir)
@@ -210,7 +217,34 @@ def get_source(name: str, split: str, data_dir: str) -> Sequence[dict[str, Any]]
     if base_split not in builder.info.splits:
         raise ValueError(f"Dataset {name!r} has no split {split!r}; splits: "
                          f"{sorted(builder.info.splits)}.")
-    return builder.as_data_source(split=split)
+    return builder
+
+
+def image_sizes(name: str, split: str, data_dir: str, image_key: str = "image",
+                read_chunk: int = 256) -> np.ndarray:
+    """(N, 2) int64 (height, width) of every image of `split`, in source order.
+
+    Read from the encoded images' headers (nothing is decoded), or from the feature's static
+    shape when the builder fixes it. Evaluation uses it to batch images of equal shape.
+    """
+    builder = _split_builder(name, split, data_dir)
+    features = builder.info.features
+    if image_key not in features:
+        raise ValueError(f"Dataset {name!r} has no feature {image_key!r}; features: {list(features)}.")
+    height, width = features[image_key].shape[:2]
+    num_examples = len(builder.as_data_source(split=split))
+    if height is not None and width is not None:
+        return np.tile(np.array([[height, width]], np.int64), (num_examples, 1))
+    skip = {key: tfds.decode.SkipDecoding() for key, feature in features.items()
+            if isinstance(feature, tfds.features.Image)}
+    raw = builder.as_data_source(split=split, decoders=skip)
+    sizes = np.zeros((num_examples, 2), np.int64)
+    for start in range(0, num_examples, read_chunk):
+        indices = list(range(start, min(start + read_chunk, num_examples)))
+        for i, record in zip(indices, raw.__getitems__(indices)):
+            with PIL.Image.open(io.BytesIO(record[image_key])) as image:
+                sizes[i] = image.height, image.width
+    return sizes
 
 
 def _label_key(features: tfds.features.FeaturesDict, cls: type | None, task: str) -> str:

@@ -21,10 +21,13 @@ Two kinds of methods
   one pass over this process's shard, padded to full batches, each batch carrying a
   ``"mask"`` array (1 = real example, 0 = padding).
 * :meth:`Task.train_batch_spec` / :meth:`Task.eval_batch_spec` - the GLOBAL shapes and
-  dtypes of a batch at a resolution (``jax.ShapeDtypeStruct`` per key); the loop compiles
-  one executable per training resolution ahead of time from these, and casts incoming
-  numpy batches to exactly these keys and dtypes.
-* :meth:`Task.batch_resolution` - which resolution a numpy batch has (selects the executable).
+  dtypes of a batch at a resolution / eval key (``jax.ShapeDtypeStruct`` per key); the loop
+  compiles one executable per training resolution ahead of time and one per eval key on
+  first use, and casts incoming numpy batches to exactly these keys and dtypes.
+* :meth:`Task.batch_resolution` / :meth:`Task.eval_batch_key` - which resolution (train) or
+  eval key a numpy batch has (selects the executable). The eval iterator may change shapes
+  from batch to batch (segmentation evaluates every image at its own size) but must yield
+  the same shapes at the same batch index on every process.
 * :meth:`Task.finalize_eval` - turn the summed statistics of a whole evaluation into metrics.
 
 *Device side* (traced inside ``jax.jit`` on GLOBAL, batch-sharded ``jax.Array`` s; they must
@@ -49,7 +52,7 @@ from __future__ import annotations
 
 import abc
 import os
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Hashable, Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -93,10 +96,6 @@ class Task(abc.ABC):
         """Every (H, W) the train iterator may produce (one compiled step per entry)."""
 
     @abc.abstractmethod
-    def eval_resolution(self) -> Resolution:
-        """The (H, W) of evaluation batches."""
-
-    @abc.abstractmethod
     def train_iterator(self, seed: int, local_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Infinite, checkpointable iterator over this process's training batches."""
 
@@ -108,9 +107,14 @@ class Task(abc.ABC):
     def train_batch_spec(self, global_batch_size: int, resolution: Resolution) -> dict[str, jax.ShapeDtypeStruct]:
         """Global shapes/dtypes of a training batch at ``resolution``."""
 
+    def eval_batch_key(self, batch: Batch) -> Hashable:
+        """Which compiled eval step a local numpy eval batch needs (the loop compiles one per
+        key, on first use); default: the batch's resolution (:meth:`batch_resolution`)."""
+        return self.batch_resolution(batch)
+
     @abc.abstractmethod
-    def eval_batch_spec(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        """Global shapes/dtypes of an eval batch (must include "mask")."""
+    def eval_batch_spec(self, global_batch_size: int, key: Hashable) -> dict[str, jax.ShapeDtypeStruct]:
+        """Global shapes/dtypes of an eval batch of ``key`` (must include "mask")."""
 
     def batch_resolution(self, batch: Batch) -> Resolution:
         """The (H, W) of a numpy batch; default: the "image" array's spatial shape."""

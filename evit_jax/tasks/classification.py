@@ -167,8 +167,8 @@ class ClassificationTask(DatasetTask):
         return {"image": jax.ShapeDtypeStruct((global_batch_size, h, w, 3), jnp.uint8),
                 "label": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32)}
 
-    def eval_batch_spec(self, global_batch_size):
-        spec = self.train_batch_spec(global_batch_size, self.eval_resolution())
+    def eval_batch_spec(self, global_batch_size, key):
+        spec = self.train_batch_spec(global_batch_size, key)  # key: the eval resolution
         spec["mask"] = jax.ShapeDtypeStruct((global_batch_size,), jnp.int32)
         return spec
 

@@ -7,10 +7,13 @@ Host side (grain, numpy; ``evit_jax.data.seg_transforms``):
   contrast, saturation, hue). Images stay uint8.
   eval: the official single-scale protocol (``data.eval_protocol``): Cityscapes images are
   resized (bicubic) to crop x 2crop, ADE20K images to short side = crop with the long side
-  rounded up to a multiple of 32; the label keeps its full size. Every example is then
-  padded bottom/right to the fixed ``data.eval_image_canvas`` / ``data.eval_label_canvas``
-  (labels with 255) and carries its valid sizes ``image_hw`` / ``label_hw``, so one jit
-  executable evaluates images of any size.
+  rounded up to a multiple of 32; the label keeps its full size. Examples are batched by
+  model input size (:func:`evit_jax.data.pipeline.eval_batch_plan`; sizes read from the
+  image headers), so the model sees every image exactly at its own size, as the official
+  batch-1 evaluation does, with one compiled eval step per input size. Labels are padded
+  (255) to the largest label of their batch's bucket; each example carries its valid
+  sizes ``image_hw`` / ``label_hw``. (With protocol "none" an image whose sides are not
+  multiples of 32 is padded bottom/right up to the next multiple.)
 
 Device side:
   train loss: stride-8 logits are upsampled to the crop size (``loss.upsample``, bilinear by
@@ -159,12 +162,32 @@ class _TrainFn:
 
 @dataclasses.dataclass(frozen=True)
 class _EvalFn:
-    """pipeline eval transform: record -> padded {"image", "label", "image_hw", "label_hw"}."""
+    """pipeline eval transform: (record, bucket shapes) -> {"image", "label", "image_hw",
+    "label_hw"} padded to the bucket's (image, label) shapes."""
 
     transform: seg_transforms.SegEvalTransform
 
-    def __call__(self, example):
-        return self.transform.map(example)
+    def __call__(self, example, shapes):
+        image_shape, label_shape = shapes
+        return dataclasses.replace(self.transform, pad_image_to=image_shape, pad_label_to=label_shape).map(example)
+
+
+def _ceil32(size: tuple[int, int]) -> tuple[int, int]:
+    return tuple(-(-int(n) // 32) * 32 for n in size)
+
+
+def eval_buckets(image_sizes: np.ndarray, protocol: str, crop_size: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Per eval example (``image_sizes`` (N, 2) of the stored images): the ((input h, w),
+    (label canvas h, w)) of its batch. The input is the protocol's size (rounded up to a
+    multiple of 32, which the official protocols already are); the label canvas is the
+    largest label (= stored image) among the examples of that input size."""
+    inputs = [_ceil32(seg_transforms.eval_input_size(protocol, int(h), int(w), crop_size))
+              for h, w in image_sizes]
+    canvas: dict[tuple[int, int], tuple[int, int]] = {}
+    for shape, (h, w) in zip(inputs, image_sizes):
+        ch, cw = canvas.get(shape, (0, 0))
+        canvas[shape] = (max(ch, int(h)), max(cw, int(w)))
+    return [(shape, canvas[shape]) for shape in inputs]
 
 
 def _hw(value) -> tuple[int, int]:
@@ -182,7 +205,7 @@ def _sanitize(name: str) -> str:
 class SegmentationTask(DatasetTask):
     """See the module docstring. Config keys: ``model``, ``data`` (``image_sizes`` = train
     crops, ``scale_range``, ``base_size``, ``hflip``, ``photometric``, ``eval_protocol``,
-    ``eval_crop_size``, ``eval_image_canvas``, ``eval_label_canvas``), ``loss.upsample``."""
+    ``eval_crop_size``), ``loss.upsample``."""
 
     name = "segmentation"
 
@@ -222,18 +245,12 @@ class SegmentationTask(DatasetTask):
         for split in (c.data.train_split, c.data.eval_split):
             if split.split("[")[0] not in info.split_sizes:
                 raise ValueError(f"dataset {info.name!r} has no split {split!r}; splits: {sorted(info.split_sizes)}.")
-        for size in self.train_resolutions() + [self.eval_resolution()]:
+        for size in self.train_resolutions():
             if size[0] % 32 or size[1] % 32:
                 raise ValueError(f"image size {size} is not a multiple of 32 (EfficientViT downsamples by 32); "
-                                 "fix data.image_sizes / data.eval_image_canvas.")
-        if c.data.eval_protocol == "cityscapes":
-            size = seg_transforms.cityscapes_eval_size(int(c.data.eval_crop_size))
-            canvas = self.eval_resolution()
-            if size[0] > canvas[0] or size[1] > canvas[1]:
-                raise ValueError(f"Cityscapes eval images are resized to {size} but data.eval_image_canvas is "
-                                 f"{canvas}; set --config.data.eval_image_canvas='({size[0]}, {size[1]})'.")
-        if min(self.eval_label_canvas()) <= 0:
-            raise ValueError("config.data.eval_label_canvas must be a positive (height, width).")
+                                 "fix data.image_sizes.")
+        if c.data.eval_protocol != "none" and int(c.data.eval_crop_size) % 32:
+            raise ValueError(f"config.data.eval_crop_size={c.data.eval_crop_size} is not a multiple of 32.")
         if c.model.num_classes > 0 and c.model.num_classes != info.num_classes:
             raise ValueError(f"config.model.num_classes={c.model.num_classes} but dataset {info.name!r} has "
                              f"{info.num_classes} classes; use -1 (the dataset's).")
@@ -242,7 +259,8 @@ class SegmentationTask(DatasetTask):
         m = self.config.model
         return create_model(m.name, num_classes=self.num_classes, dtype=jnp.dtype(m.dtype),
                             param_dtype=jnp.float32, attention=m.attention,
-                            drop_path_rate=m.drop_path_rate, drop_path_skip=m.drop_path_skip)
+                            drop_path_rate=m.drop_path_rate, drop_path_skip=m.drop_path_skip,
+                            conv_impl=m.conv_impl)
 
     def num_train_examples(self) -> int:
         d = self.config.data
@@ -251,11 +269,14 @@ class SegmentationTask(DatasetTask):
     def train_resolutions(self):
         return [_hw(s) for s in self.config.data.image_sizes]
 
-    def eval_resolution(self):
-        return _hw(self.config.data.eval_image_canvas)
-
-    def eval_label_canvas(self) -> tuple[int, int]:
-        return _hw(self.config.data.eval_label_canvas)
+    def eval_bucket_keys(self) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """Per eval example, the (input, label canvas) shapes of its batch (:func:`eval_buckets`);
+        read once from the image headers and kept."""
+        if getattr(self, "_eval_bucket_keys", None) is None:
+            d = self.config.data
+            sizes = sources.image_sizes(d.name, d.eval_split, self.data_dir, self.info.image_key)
+            self._eval_bucket_keys = eval_buckets(sizes, d.eval_protocol, int(d.eval_crop_size))
+        return self._eval_bucket_keys
 
     def train_iterator(self, seed: int, local_batch_size: int):
         d = self.config.data
@@ -276,10 +297,10 @@ class SegmentationTask(DatasetTask):
         source = sources.get_source(d.name, d.eval_split, self.data_dir)
         transform = seg_transforms.SegEvalTransform(
             protocol=d.eval_protocol, crop_size=int(d.eval_crop_size), image_key=self.info.image_key,
-            label_key=self.info.label_key, pad_image_to=self.eval_resolution(),
-            pad_label_to=self.eval_label_canvas(), ignore_index=self.ignore_index)
-        return pipeline.make_eval_iterator(
-            source, _EvalFn(transform), global_batch_size=local_batch_size * jax.process_count(),
+            label_key=self.info.label_key, ignore_index=self.ignore_index)
+        return pipeline.make_bucketed_eval_iterator(
+            source, _EvalFn(transform), self.eval_bucket_keys(),
+            global_batch_size=local_batch_size * jax.process_count(),
             process_index=jax.process_index(), process_count=jax.process_count(),
             worker_count=d.num_workers)
 
@@ -288,9 +309,12 @@ class SegmentationTask(DatasetTask):
         return {"image": jax.ShapeDtypeStruct((global_batch_size, h, w, 3), jnp.uint8),
                 "label": jax.ShapeDtypeStruct((global_batch_size, h, w), jnp.int32)}
 
-    def eval_batch_spec(self, global_batch_size):
-        h, w = self.eval_resolution()
-        lh, lw = self.eval_label_canvas()
+    def eval_batch_key(self, batch):
+        """((image h, w), (label h, w)) of a numpy eval batch."""
+        return tuple(int(n) for n in batch["image"].shape[1:3]), tuple(int(n) for n in batch["label"].shape[1:3])
+
+    def eval_batch_spec(self, global_batch_size, key):
+        (h, w), (lh, lw) = key
         n = global_batch_size
         return {"image": jax.ShapeDtypeStruct((n, h, w, 3), jnp.uint8),
                 "label": jax.ShapeDtypeStruct((n, lh, lw), jnp.int32),

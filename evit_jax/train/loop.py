@@ -79,6 +79,8 @@ class Experiment:
     warmup_steps: int
     state_shardings: Any
     abstract_state: Any  # ShapeDtypeStructs carrying the target shardings
+    # Eval executables by Task.eval_batch_key, compiled on first use and kept for later evaluations.
+    eval_executables: dict = dataclasses.field(default_factory=dict)
 
     @property
     def strategy(self) -> str:
@@ -199,14 +201,19 @@ class Experiment:
             executables[res] = _compile_logged(jitted, f"train step {res[0]}x{res[1]}", self.abstract_state, spec)
         return executables
 
-    def compile_eval_step(self):
-        variables_sh = {"params": self.state_shardings.params, "batch_stats": self.state_shardings.batch_stats}
-        abstract_vars = {"params": self.abstract_state.params, "batch_stats": self.abstract_state.batch_stats}
-        jitted = jax.jit(self.eval_step, in_shardings=(variables_sh, mesh_lib.batch_sharding(self.mesh)),
-                         out_shardings=mesh_lib.replicated_sharding(self.mesh))
-        spec = self._batch_abstract(self.task.eval_batch_spec(self.config.eval_batch_size))
-        res = self.task.eval_resolution()
-        return _compile_logged(jitted, f"eval step {res[0]}x{res[1]}", abstract_vars, spec)
+    def eval_executable(self, key):
+        """The eval step for batches of ``key`` (:meth:`Task.eval_batch_key`): compiled on first
+        use, then reused. Every process asks for the same keys in the same order (the tasks'
+        eval iterators yield the same shapes at the same batch index on every process)."""
+        if key not in self.eval_executables:
+            variables_sh = {"params": self.state_shardings.params, "batch_stats": self.state_shardings.batch_stats}
+            abstract_vars = {"params": self.abstract_state.params, "batch_stats": self.abstract_state.batch_stats}
+            jitted = jax.jit(self.eval_step, in_shardings=(variables_sh, mesh_lib.batch_sharding(self.mesh)),
+                             out_shardings=mesh_lib.replicated_sharding(self.mesh))
+            spec = self._batch_abstract(self.task.eval_batch_spec(self.config.eval_batch_size, key))
+            self.eval_executables[key] = _compile_logged(jitted, f"eval step {_describe_key(key)}",
+                                                         abstract_vars, spec)
+        return self.eval_executables[key]
 
     def global_batch(self, local: dict, spec: dict) -> dict:
         """Local numpy batch -> global batch-sharded arrays, cast to the compiled keys/dtypes."""
@@ -222,6 +229,15 @@ def _run_once_compiler_options() -> dict:
     # Code that runs once (initialisers) need not be optimised: on XLA:CPU this cuts the
     # compile time of an init from ~10 s to ~1 s.
     return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+
+
+def _describe_key(key) -> str:
+    """(512, 704) -> "512x704"; ((512, 704), (512, 683)) -> "512x704 / 512x683"."""
+    if isinstance(key, tuple) and key and all(isinstance(k, tuple) for k in key):
+        return " / ".join(_describe_key(k) for k in key)
+    if isinstance(key, tuple):
+        return "x".join(str(k) for k in key)
+    return str(key)
 
 
 def _compile_logged(jitted, what: str, *abstract_args):
@@ -242,6 +258,8 @@ def _compile_logged(jitted, what: str, *abstract_args):
 def _check_config(config) -> None:
     if config.mode not in ("train", "eval"):
         raise ValueError(f"config.mode={config.mode!r} is unknown; use 'train' or 'eval'.")
+    if config.log_every_steps <= 0:
+        raise ValueError(f"config.log_every_steps={config.log_every_steps} must be positive.")
     if config.model.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"config.model.dtype={config.model.dtype!r}; use 'float32' or 'bfloat16'.")
     if config.init_from and not os.path.exists(os.path.expanduser(config.init_from)):
@@ -284,21 +302,23 @@ def _load_variables(config, task: Task) -> dict:
 
 
 # ---------------------------------------------------------------------------- evaluation
-def evaluate(experiment: Experiment, eval_exec, state: TrainState, *, include_ema: bool) -> dict[str, float]:
+def evaluate(experiment: Experiment, state: TrainState, *, include_ema: bool) -> dict[str, float]:
     """One pass over the eval split; returns {"eval/top1": ..., "eval_ema/top1": ...}.
 
     Per-batch statistics are computed on the global (sharded) batch inside jit, so they are
-    already summed over devices and hosts; the host accumulates them in float64/int64.
+    already summed over devices and hosts; the host accumulates them in float64/int64. Each
+    batch runs the executable of its shapes (``Experiment.eval_executable``).
     """
     task, config = experiment.task, experiment.config
-    spec = task.eval_batch_spec(config.eval_batch_size)
     weights = {"eval": model_variables(state, use_ema=False)}
     if include_ema:
         weights["eval_ema"] = model_variables(state, use_ema=True)
     sums = {name: None for name in weights}
     t0 = time.perf_counter()
     for local in task.eval_iterator(experiment.local_batch_size(config.eval_batch_size)):
-        batch = experiment.global_batch(local, spec)
+        key = task.eval_batch_key(local)
+        eval_exec = experiment.eval_executable(key)
+        batch = experiment.global_batch(local, task.eval_batch_spec(config.eval_batch_size, key))
         for name, variables in weights.items():
             stats = jax.device_get(eval_exec(variables, batch))
             stats = {k: np.asarray(v, np.int64 if np.issubdtype(np.asarray(v).dtype, np.integer) else np.float64)
@@ -362,7 +382,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     logging.info("%s: %.2fM parameters", task.model_name, n_params / 1e6)
 
     train_execs = experiment.compile_train_steps()
-    eval_exec = experiment.compile_eval_step()
     specs = {res: task.train_batch_spec(config.global_batch_size, res) for res in train_execs}
 
     total = experiment.total_steps
@@ -398,10 +417,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                     writer.write(step, mean)
                     metrics_log.log_line(step, total, mean, img_s, eta)
                     writer.progress(step, {"loss": mean["train/loss"], "lr": mean["train/lr"]})
-                if step % config.checkpoint.every_steps == 0 and step < total:
+                if config.checkpoint.every_steps > 0 and step % config.checkpoint.every_steps == 0 and step < total:
                     checkpointer.save(step, state, train_iter)
                 if config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and step < total:
-                    results = evaluate(experiment, eval_exec, state, include_ema=config.eval_ema)
+                    results = evaluate(experiment, state, include_ema=config.eval_ema)
                     writer.write(step, results)
         if preempted:
             logging.warning("Preempted at step %d: saving a checkpoint and exiting.", step)
@@ -409,7 +428,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             checkpointer.wait()
         else:
             checkpointer.save(step, state, train_iter, force=True)
-            final_metrics = evaluate(experiment, eval_exec, state, include_ema=config.eval_ema)
+            final_metrics = evaluate(experiment, state, include_ema=config.eval_ema)
             writer.write(step, final_metrics)
     finally:
         checkpointer.close()
@@ -435,7 +454,6 @@ def evaluate_only(config, workdir: str) -> dict[str, float]:
         raise FileNotFoundError(f"nothing to evaluate: workdir {workdir!r} has no checkpoint and "
                                 "--config.init_from is empty.")
     loaded = _load_variables(config, task) if step is None else None
-    eval_exec = experiment.compile_eval_step()
     if step is not None:
         checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
         state = checkpointer.restore(step, experiment.abstract_state, None)
@@ -448,7 +466,7 @@ def evaluate_only(config, workdir: str) -> dict[str, float]:
         step = 0
         logging.info("Evaluating %s", config.init_from)
     with _guard(config):
-        results = evaluate(experiment, eval_exec, state, include_ema=include_ema)
+        results = evaluate(experiment, state, include_ema=include_ema)
     writer = metrics_log.MetricWriter(workdir, 0, enable_tensorboard=config.tensorboard, progress_bar=False)
     writer.write(step, results)
     writer.close()
