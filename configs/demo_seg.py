@@ -39,7 +39,7 @@ def get_config(arg: str = ""):
     c.ema.decay = 0.998
     c.ema.warmup_steps = 100.0
     c.log_every_steps = 50
-    c.eval_every_steps = 500
+    c.eval_every_steps = 1000              # one mid-run evaluation; the 15-minute budget is tight
     c.checkpoint.every_steps = 1000
     c.checkpoint.keep = 2
 
