@@ -4,6 +4,7 @@ restores (and continues) on 2."""
 
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -30,7 +31,9 @@ def test_two_processes_match_one_process(tmp_path, data_dir):
     assert result.returncode == 0, result.stderr[-3000:]
 
     multi = str(tmp_path / "multi")
-    env = h.env_for(1, DEVICES_PER_PROCESS="2", EVIT_MAIN="tests._train_main", LOG_DIR=str(tmp_path / "logs"))
+    # PYTHON: the launcher runs this interpreter, also when its venv is not activated.
+    env = h.env_for(1, DEVICES_PER_PROCESS="2", EVIT_MAIN="tests._train_main", LOG_DIR=str(tmp_path / "logs"),
+                    PYTHON=sys.executable)
     env.pop("XLA_FLAGS")
     cmd = [os.path.join(h.REPO, "launch", "local.sh"), "2",
            *h.main_command(multi, data_dir, *_common())[3:]]  # drop "python -m tests._train_main"
