@@ -172,40 +172,14 @@ def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class _PaddedShard:
-    """This process's shard of the eval stream, padded to `length` positions.
+class _IgnoringKey:
+    """A single-bucket transform: ``fn(example, key)`` -> ``transform_fn(example)`` (picklable)."""
 
-    Position k is stream position k * process_count + process_index; positions past the
-    end of the source return example 0 marked as padding (it is zeroed after the transform,
-    which keeps every shape and dtype without knowing them in advance).
-    """
-
-    source: Sequence[dict[str, Any]]
-    length: int
-    process_index: int
-    process_count: int
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, k: int) -> tuple[dict[str, Any], bool]:
-        position = k * self.process_count + self.process_index
-        if position < len(self.source):
-            return self.source[position], True
-        return self.source[0], False
-
-
-@dataclasses.dataclass(frozen=True)
-class _EvalExample(grain.transforms.Map):
     transform_fn: Callable[[dict[str, Any]], Batch]
 
-    def map(self, item: tuple[dict[str, Any], bool]) -> Batch:
-        example, real = item
-        out = dict(self.transform_fn(example))
-        if not real:
-            out = {key: np.zeros_like(value) for key, value in out.items()}
-        out["mask"] = np.int32(real)
-        return out
+    def __call__(self, example: dict[str, Any], key: Any) -> Batch:
+        del key
+        return self.transform_fn(example)
 
 
 def make_eval_iterator(source: Sequence[dict[str, Any]],
@@ -217,23 +191,19 @@ def make_eval_iterator(source: Sequence[dict[str, Any]],
                        worker_count: int = 0,
                        read_threads: int = 2,
                        prefetch_batches: int = 2) -> grain.DatasetIterator:
-    """One pass over `source`: every example exactly once across all processes.
+    """One pass over `source`, whose examples all have the same shapes: every example
+    exactly once across all processes.
 
     Every process yields `num_eval_batches(len(source), global_batch_size)` batches of
-    global_batch_size // process_count examples. The tail is padded with zeroed examples;
-    each batch carries "mask" int32 (L,), 1 for real examples and 0 for padding, so sums
-    of masked statistics over all processes are exact.
+    global_batch_size // process_count examples; the tail of the last one repeats example 0
+    as padding. Each batch carries "mask" int32 (L,), 1 for real examples and 0 for padding,
+    so sums of masked statistics over all processes are exact. (The one-bucket case of
+    :func:`make_bucketed_eval_iterator`.)
     """
-    local_batch = local_batch_size(global_batch_size, process_count)
-    _check_process(process_index, process_count)
-    if len(source) == 0:
-        raise ValueError("The evaluation source is empty.")
-    length = num_eval_batches(len(source), global_batch_size) * local_batch
-    dataset = grain.MapDataset.source(
-        _PaddedShard(source, length, process_index, process_count))
-    dataset = dataset.map(_EvalExample(transform_fn))
-    dataset = dataset.batch(local_batch, drop_remainder=True, batch_fn=_stack)
-    return _finish(dataset, worker_count, read_threads, prefetch_batches)
+    return make_bucketed_eval_iterator(
+        source, _IgnoringKey(transform_fn), [0] * len(source), global_batch_size=global_batch_size,
+        process_index=process_index, process_count=process_count, worker_count=worker_count,
+        read_threads=read_threads, prefetch_batches=prefetch_batches)
 
 
 def eval_batch_plan(keys: Sequence[Any], global_batch_size: int) -> list[tuple[Any, np.ndarray, np.ndarray]]:
