@@ -128,13 +128,11 @@ def class_names_for(spec, num_classes: int, run_config: dict) -> list[str] | Non
         from evit_jax.data import sources
         data = run_config["data"]
         data_dir = os.path.expanduser(data.get("data_dir", "~/tensorflow_datasets"))
-        # Only read a dataset that is already there: predicting must never build one.
-        if os.path.isdir(os.path.join(data_dir, data["name"].split("/")[0])):
-            try:
-                info = sources.get_info(data["name"], data_dir)
-                names = list(info.class_names) if info.class_names else None
-            except (FileNotFoundError, ValueError):
-                names = None
+        try:  # build=False: predicting reads a dataset that is there, never builds one
+            info = sources.get_info(data["name"], data_dir, build=False)
+            names = list(info.class_names) if info.class_names else None
+        except (FileNotFoundError, ValueError):
+            names = None
     return names if names is not None and len(names) == num_classes else None
 
 

@@ -167,8 +167,10 @@ def _jax_process_index() -> int:
 
 
 def prepare(name: str, data_dir: str,
-            process_index: Callable[[], int] = _jax_process_index) -> tfds.core.DatasetBuilder:
-    """Returns the prepared builder of `name`, generating built-in datasets if needed.
+            process_index: Callable[[], int] = _jax_process_index, *,
+            build: bool = True) -> tfds.core.DatasetBuilder:
+    """Returns the prepared builder of `name`, generating built-in datasets if needed
+    (``build=False``: never; a dataset that is not there is missing).
 
     Raises FileNotFoundError (one line, with the command to run) for a missing real
     dataset, and ValueError for an unknown name or config.
@@ -182,7 +184,7 @@ def prepare(name: str, data_dir: str,
         raise FileNotFoundError(_missing_message(name, data_dir)) from e
     if builder.is_prepared():
         return builder
-    if not entry.auto_build:
+    if not entry.auto_build or not build:
         raise FileNotFoundError(_missing_message(name, data_dir))
     if _is_remote(data_dir):
         _build_on_remote(builder, name, process_index)
@@ -232,12 +234,12 @@ def image_sizes(name: str, split: str, data_dir: str, image_key: str = "image",
     if image_key not in features:
         raise ValueError(f"Dataset {name!r} has no feature {image_key!r}; features: {list(features)}.")
     height, width = features[image_key].shape[:2]
-    num_examples = len(builder.as_data_source(split=split))
-    if height is not None and width is not None:
-        return np.tile(np.array([[height, width]], np.int64), (num_examples, 1))
     skip = {key: tfds.decode.SkipDecoding() for key, feature in features.items()
             if isinstance(feature, tfds.features.Image)}
     raw = builder.as_data_source(split=split, decoders=skip)
+    num_examples = len(raw)
+    if height is not None and width is not None:
+        return np.tile(np.array([[height, width]], np.int64), (num_examples, 1))
     sizes = np.zeros((num_examples, 2), np.int64)
     for start in range(0, num_examples, read_chunk):
         indices = list(range(start, min(start + read_chunk, num_examples)))
@@ -256,16 +258,16 @@ def _label_key(features: tfds.features.FeaturesDict, cls: type | None, task: str
     raise ValueError(f"Cannot tell the label feature among {list(features)}.")
 
 
-def get_info(name: str, data_dir: str) -> DatasetInfo:
+def get_info(name: str, data_dir: str, *, build: bool = True) -> DatasetInfo:
     """Number of classes, split sizes, class names, ignore index and feature keys of `name`.
 
-    Built-in datasets are generated if needed (split sizes are known only once built);
-    a missing real dataset raises FileNotFoundError like `get_source`.
+    Built-in datasets are generated if needed (split sizes are known only once built;
+    ``build=False``: never); a missing dataset raises FileNotFoundError like `get_source`.
     """
     data_dir = _normalise_dir(data_dir)
     base, _ = _split_name(name)
     entry = _REGISTRY[base]
-    builder = prepare(name, data_dir)
+    builder = prepare(name, data_dir, build=build)
     cls = _builder_class(entry)
     features = builder.info.features
     image_key = getattr(cls, "IMAGE_KEY", "image")

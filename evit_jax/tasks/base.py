@@ -107,6 +107,11 @@ class Task(abc.ABC):
     def train_batch_spec(self, global_batch_size: int, resolution: Resolution) -> dict[str, jax.ShapeDtypeStruct]:
         """Global shapes/dtypes of a training batch at ``resolution``."""
 
+    @abc.abstractmethod
+    def eval_batch_keys(self) -> list[Hashable]:
+        """Every key the eval iterator will produce (the loop compiles them before training,
+        so that a shape that cannot compile fails at start-up)."""
+
     def eval_batch_key(self, batch: Batch) -> Hashable:
         """Which compiled eval step a local numpy eval batch needs (the loop compiles one per
         key, on first use); default: the batch's resolution (:meth:`batch_resolution`)."""
@@ -139,10 +144,13 @@ class Task(abc.ABC):
         num_classes = getattr(self, "num_classes", None)
         try:
             return load_variables(path, self.model_name, use_ema=use_ema, num_classes=num_classes)
-        except ValueError:
+        except ValueError as with_classes:
             if not self.config.reinit_classifier:
                 raise
-            return load_variables(path, self.model_name, use_ema=use_ema)  # the checkpoint's own head
+            try:
+                return load_variables(path, self.model_name, use_ema=use_ema)  # the checkpoint's own head
+            except ValueError as e:
+                raise ValueError(f"{e} (with {num_classes} classes: {with_classes})") from None
 
     def keeps_fresh_init(self, path: str) -> bool:
         """True for variables that ``init_from`` weights may lack and that keep their fresh

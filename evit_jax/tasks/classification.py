@@ -136,9 +136,9 @@ class ClassificationTask(DatasetTask):
     def train_resolutions(self):
         return [(int(s), int(s)) for s in self.config.data.image_sizes]
 
-    def eval_resolution(self):
+    def eval_batch_keys(self):
         s = int(self.config.data.eval_image_size)
-        return (s, s)
+        return [(s, s)]
 
     def train_iterator(self, seed: int, local_batch_size: int):
         d = self.config.data

@@ -165,11 +165,18 @@ class _EvalFn:
     """pipeline eval transform: (record, bucket shapes) -> {"image", "label", "image_hw",
     "label_hw"} padded to the bucket's (image, label) shapes."""
 
-    transform: seg_transforms.SegEvalTransform
+    protocol: str
+    crop_size: int
+    image_key: str
+    label_key: str
+    ignore_index: int
 
     def __call__(self, example, shapes):
         image_shape, label_shape = shapes
-        return dataclasses.replace(self.transform, pad_image_to=image_shape, pad_label_to=label_shape).map(example)
+        out = seg_transforms.eval_transform(np.asarray(example[self.image_key]), example[self.label_key],
+                                            self.protocol, self.crop_size)
+        return seg_transforms.pad_for_batch(out["image"], out["label"], image_shape, label_shape,
+                                            self.ignore_index)
 
 
 def _ceil32(size: tuple[int, int]) -> tuple[int, int]:
@@ -295,11 +302,11 @@ class SegmentationTask(DatasetTask):
     def eval_iterator(self, local_batch_size: int):
         d = self.config.data
         source = sources.get_source(d.name, d.eval_split, self.data_dir)
-        transform = seg_transforms.SegEvalTransform(
-            protocol=d.eval_protocol, crop_size=int(d.eval_crop_size), image_key=self.info.image_key,
-            label_key=self.info.label_key, ignore_index=self.ignore_index)
+        transform = _EvalFn(protocol=d.eval_protocol, crop_size=int(d.eval_crop_size),
+                            image_key=self.info.image_key, label_key=self.info.label_key,
+                            ignore_index=self.ignore_index)
         return pipeline.make_bucketed_eval_iterator(
-            source, _EvalFn(transform), self.eval_bucket_keys(),
+            source, transform, self.eval_bucket_keys(),
             global_batch_size=local_batch_size * jax.process_count(),
             process_index=jax.process_index(), process_count=jax.process_count(),
             worker_count=d.num_workers)
@@ -308,6 +315,9 @@ class SegmentationTask(DatasetTask):
         h, w = resolution
         return {"image": jax.ShapeDtypeStruct((global_batch_size, h, w, 3), jnp.uint8),
                 "label": jax.ShapeDtypeStruct((global_batch_size, h, w), jnp.int32)}
+
+    def eval_batch_keys(self):
+        return sorted(set(self.eval_bucket_keys()))
 
     def eval_batch_key(self, batch):
         """((image h, w), (label h, w)) of a numpy eval batch."""

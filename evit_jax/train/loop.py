@@ -17,6 +17,7 @@ Order of business in :func:`train_and_evaluate`:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Callable
@@ -201,19 +202,28 @@ class Experiment:
             executables[res] = _compile_logged(jitted, f"train step {res[0]}x{res[1]}", self.abstract_state, spec)
         return executables
 
-    def eval_executable(self, key):
-        """The eval step for batches of ``key`` (:meth:`Task.eval_batch_key`): compiled on first
-        use, then reused. Every process asks for the same keys in the same order (the tasks'
-        eval iterators yield the same shapes at the same batch index on every process)."""
+    @functools.cached_property
+    def _eval_jit(self):
+        variables_sh = {"params": self.state_shardings.params, "batch_stats": self.state_shardings.batch_stats}
+        return jax.jit(self.eval_step, in_shardings=(variables_sh, mesh_lib.batch_sharding(self.mesh)),
+                       out_shardings=mesh_lib.replicated_sharding(self.mesh))
+
+    def eval_executable(self, key) -> tuple[Any, dict]:
+        """(compiled eval step, global batch spec) for batches of ``key`` (:meth:`Task.eval_batch_key`):
+        compiled on first use, then reused. Every process asks for the same keys in the same
+        order (the tasks' eval iterators yield the same shapes at the same batch index)."""
         if key not in self.eval_executables:
-            variables_sh = {"params": self.state_shardings.params, "batch_stats": self.state_shardings.batch_stats}
             abstract_vars = {"params": self.abstract_state.params, "batch_stats": self.abstract_state.batch_stats}
-            jitted = jax.jit(self.eval_step, in_shardings=(variables_sh, mesh_lib.batch_sharding(self.mesh)),
-                             out_shardings=mesh_lib.replicated_sharding(self.mesh))
-            spec = self._batch_abstract(self.task.eval_batch_spec(self.config.eval_batch_size, key))
-            self.eval_executables[key] = _compile_logged(jitted, f"eval step {_describe_key(key)}",
-                                                         abstract_vars, spec)
+            spec = self.task.eval_batch_spec(self.config.eval_batch_size, key)
+            compiled = _compile_logged(self._eval_jit, f"eval step {_describe_key(key)}",
+                                       abstract_vars, self._batch_abstract(spec))
+            self.eval_executables[key] = (compiled, spec)
         return self.eval_executables[key]
+
+    def compile_eval_steps(self) -> None:
+        """Compiles the eval step of every key the task will produce (start-up, fail fast)."""
+        for key in self.task.eval_batch_keys():
+            self.eval_executable(key)
 
     def global_batch(self, local: dict, spec: dict) -> dict:
         """Local numpy batch -> global batch-sharded arrays, cast to the compiled keys/dtypes."""
@@ -316,9 +326,8 @@ def evaluate(experiment: Experiment, state: TrainState, *, include_ema: bool) ->
     sums = {name: None for name in weights}
     t0 = time.perf_counter()
     for local in task.eval_iterator(experiment.local_batch_size(config.eval_batch_size)):
-        key = task.eval_batch_key(local)
-        eval_exec = experiment.eval_executable(key)
-        batch = experiment.global_batch(local, task.eval_batch_spec(config.eval_batch_size, key))
+        eval_exec, spec = experiment.eval_executable(task.eval_batch_key(local))
+        batch = experiment.global_batch(local, spec)
         for name, variables in weights.items():
             stats = jax.device_get(eval_exec(variables, batch))
             stats = {k: np.asarray(v, np.int64 if np.issubdtype(np.asarray(v).dtype, np.integer) else np.float64)
@@ -382,6 +391,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     logging.info("%s: %.2fM parameters", task.model_name, n_params / 1e6)
 
     train_execs = experiment.compile_train_steps()
+    experiment.compile_eval_steps()
     specs = {res: task.train_batch_spec(config.global_batch_size, res) for res in train_execs}
 
     total = experiment.total_steps
@@ -454,6 +464,7 @@ def evaluate_only(config, workdir: str) -> dict[str, float]:
         raise FileNotFoundError(f"nothing to evaluate: workdir {workdir!r} has no checkpoint and "
                                 "--config.init_from is empty.")
     loaded = _load_variables(config, task) if step is None else None
+    experiment.compile_eval_steps()
     if step is not None:
         checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
         state = checkpointer.restore(step, experiment.abstract_state, None)
