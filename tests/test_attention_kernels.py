@@ -146,16 +146,20 @@ def test_spec_parsing_and_errors():
 
 @pytest.mark.parametrize("name,res,batch", [("efficientvit_b0", 160, 2), ("efficientvit_b0", 64, 2),
                                             ("efficientvit_backbone_l0", 224, 1)])
-def test_default_model_bit_identical_to_frozen_reference(name, res, batch):
+def test_default_model_bit_identical_to_frozen_reference(name, res, batch, highest_precision):
     """Outputs recorded at commit 827a72c by tests/data/record_attention_reference.py (conv_impl="lax",
-    so that changes of the CPU fast-path formulations in ops.py do not move the reference)."""
+    so that changes of the CPU fast-path formulations in ops.py do not move the reference). Recorded on
+    XLA:CPU, so bit-identity is asserted there only; other backends get float32 parity."""
     reference = np.load(os.path.join(os.path.dirname(__file__), "data", "attention_default_reference.npz"))
     model = create_model(name, conv_impl="lax")
     x = jnp.asarray(np.random.default_rng(1).standard_normal((batch, res, res, 3), np.float32))
     variables = seeded_variables(model, x.shape, seed=0)
     y = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
     y = y["stage_final"] if isinstance(y, dict) else y
-    np.testing.assert_array_equal(np.asarray(y), reference[f"{name}_{res}"])
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(np.asarray(y), reference[f"{name}_{res}"])
+    else:
+        np.testing.assert_allclose(np.asarray(y), reference[f"{name}_{res}"], rtol=1e-4, atol=1e-5)
 
 
 _TRAIN_SCRIPT = textwrap.dedent("""

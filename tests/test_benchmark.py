@@ -14,7 +14,11 @@ def test_cli_runs_tiny_model_and_reports_every_figure(capsys):
                              "--warmup", "1"])
     assert result["model"] == "efficientvit_b0"
     assert 3.40e6 < result["params"] < 3.42e6  # paper: 3.41M
-    assert result["gmacs"] == pytest.approx(flops.count_macs("efficientvit_b0", 64, 64) / 1e9)
+    # The analytic count is tested against the papers below; here, that XLA's independent estimate agrees
+    # roughly (it also counts elementwise ops). Only on CPU: on GPUs cuDNN convolutions are custom calls
+    # that XLA's cost analysis does not count.
+    if jax.default_backend() == "cpu":
+        assert 0.5 * result["gmacs"] < result["xla_gmacs"] < 4 * result["gmacs"]
     assert result["jax_images_per_s"] > 0 and result["compile_s"] > 0 and result["output_finite"]
     assert result["mfu"] is not None and result["mfu"] > 0
     out = capsys.readouterr().out

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -50,8 +51,8 @@ def test_two_processes_match_one_process(tmp_path, data_dir):
     assert b[STEPS]["eval/num_examples"] == a[STEPS]["eval/num_examples"] == 70
     assert b[STEPS]["eval/top1"] == pytest.approx(a[STEPS]["eval/top1"], abs=1e-9)
     sa, sb = h.restore_raw_state(single), h.restore_raw_state(multi)
-    for x, y in zip(np.asarray(sa["params"]["conv0"]["kernel"]).ravel(), np.asarray(sb["params"]["conv0"]["kernel"]).ravel()):
-        assert y == pytest.approx(x, rel=1e-5, abs=1e-7)
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-7),
+                           sa["params"], sb["params"])
 
 
 def test_checkpoint_from_8_devices_restores_on_2(tmp_path, data_dir):
