@@ -9,7 +9,7 @@
 (WORKDIR/ablation.csv and WORKDIR/ablation.md). This file is also a plain run config: main ignores the
 ``ablation`` block.
 
-Base recipe: configs/demo.py (EfficientViT-B0 on the built-in 64 px `evit_shapes`, 1500 steps);
+Base recipe: configs/demo.py (EfficientViT-B0 on the built-in `evit_shapes` at 32 px, 1600 steps);
 ``:smoke`` uses demo's seconds-long `evit_shapes/tiny` recipe (6 steps, 32 px) for tests.
 
 ``ablation.variants``: comma-separated entries ``[model_name@]attention_spec``. The attention spec is

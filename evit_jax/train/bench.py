@@ -2,7 +2,8 @@
 
     python -m evit_jax.train.bench --model efficientvit_b1 --batch 16 --res 224 --compare-timm
 
-Random data, float32, one device. Prints images/s; nothing is asserted (not a test).
+Random data, one device; float32 or --dtype bfloat16 compute. With a GPU, timm runs on it too.
+Prints images/s; nothing is asserted (not a test).
 """
 
 from __future__ import annotations
