@@ -42,12 +42,10 @@ def _global_stream(process_count, steps, **kwargs):
                    for p in range(process_count)]
     labels, images = [], []
     for step in range(steps):
-        local = [per_process[p][step] for p in range(process_count)]
-        # Local position j of process p is global position j * process_count + p.
-        for j in range(len(local[0]["label"])):
-            for p in range(process_count):
-                labels.append(int(local[p]["label"][j]))
-                images.append(local[p]["image"][j])
+        # The global batch is the local batches in process order (process p holds block p).
+        for p in range(process_count):
+            labels.extend(int(label) for label in per_process[p][step]["label"])
+            images.extend(per_process[p][step]["image"])
     return np.array(labels), images
 
 

@@ -35,11 +35,3 @@ def test_create_mesh_and_errors():
         mesh_lib.create_mesh("zero3")
     with pytest.raises(ValueError, match="fsdp_size"):
         mesh_lib.create_mesh("fsdp", fsdp_size=jax.device_count() + 1)
-
-
-def test_stream_order_roundtrip():
-    np.testing.assert_array_equal(mesh_lib.stream_order(4, 2), [0, 2, 1, 3])
-    assert mesh_lib.to_stream_order_index(8, 1) is None
-    order = mesh_lib.stream_order(12, 3)
-    index = mesh_lib.to_stream_order_index(12, 3)
-    np.testing.assert_array_equal(order[index], np.arange(12))  # gathered rows are in stream order

@@ -2,7 +2,10 @@
 
 Both pipelines see the data as one *global stream* of examples; global batch `s` is the
 stream positions [s*G, (s+1)*G) for global batch size G, and process `p` of `P` takes the
-positions congruent to p modulo P (local batch L = G/P). Hence
+contiguous block [s*G + p*L, s*G + (p+1)*L) of it (local batch L = G/P). Hence
+
+- the global batch, assembled from the local batches in process order, is in stream order
+  on any number of processes (no reordering on the device);
 
 - processes read disjoint shards that together cover the stream;
 - the set of examples in a global batch, and each example's augmentation (its numpy
@@ -87,19 +90,16 @@ def _stack(examples: Sequence[Batch]) -> Batch:
 
 @dataclasses.dataclass(frozen=True)
 class _TrainExample(grain.transforms.MapWithIndex):
-    """Applies the train transform to local example `index` with its batch's size."""
+    """Applies the train transform to the example at stream position `index` with its batch's size."""
 
     transform_fn: Callable[[dict[str, Any], tuple[int, int], np.random.Generator], Batch]
     image_sizes: tuple[tuple[int, int], ...]
     seed: int
-    local_batch: int
-    process_index: int
-    process_count: int
+    global_batch: int
 
     def map_with_index(self, index: int, example: dict[str, Any]) -> Batch:
-        step = index // self.local_batch
-        stream_position = index * self.process_count + self.process_index
-        rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, stream_position])
+        rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, index])
+        step = index // self.global_batch
         return self.transform_fn(example, batch_resolution(self.image_sizes, self.seed, step), rng)
 
 
@@ -159,10 +159,10 @@ def make_train_iterator(source: Sequence[dict[str, Any]],
         raise ValueError("The training source is empty.")
     sizes = _normalise_sizes(image_sizes)
     dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-    dataset = dataset[process_index::process_count]
-    dataset = dataset.map_with_index(_TrainExample(
-        transform_fn, sizes, seed, local_batch, process_index, process_count))
+    # Lazy: only the examples of this process's blocks are ever read and transformed.
+    dataset = dataset.map_with_index(_TrainExample(transform_fn, sizes, seed, global_batch_size))
     dataset = dataset.batch(local_batch, drop_remainder=True, batch_fn=_stack)
+    dataset = dataset[process_index::process_count]   # block p of every global batch
     return _finish(dataset, worker_count, read_threads, prefetch_batches)
 
 

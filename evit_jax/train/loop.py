@@ -154,9 +154,6 @@ class Experiment:
     def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One optimizer update on a global batch (traced under jit)."""
         cfg = self.config
-        order = mesh_lib.to_stream_order_index(cfg.global_batch_size, jax.process_count())
-        if order is not None:  # layout-independent randomness (see to_stream_order_index)
-            batch = {k: v[order] for k, v in batch.items()}
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         aug_rng, dropout_rng = jax.random.split(rng)
         inputs, targets = self.task.preprocess_train(batch, aug_rng)

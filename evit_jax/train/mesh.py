@@ -157,30 +157,6 @@ def global_batch_from_local(local: dict[str, np.ndarray], mesh: Mesh) -> dict[st
         return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
 
 
-def stream_order(global_batch: int, process_count: int) -> np.ndarray:
-    """Data-stream position of each row of a global batch assembled from process-local batches.
-
-    The data pipeline gives process p the stream positions congruent to p modulo P, and the
-    global batch concatenates the local batches in process order, so row r holds stream
-    position ``(r % L) * P + r // L`` (L = local batch).
-    """
-    local = global_batch // process_count
-    rows = np.arange(global_batch)
-    return (rows % local) * process_count + rows // local
-
-
-def to_stream_order_index(global_batch: int, process_count: int) -> np.ndarray | None:
-    """Gather index that puts a global batch into stream order (None when already in order).
-
-    The train step applies it first, so every per-example random choice (mixup pairs, cutmix
-    boxes, dropout and drop-path masks) depends on the data stream only, never on how many
-    processes assembled the batch: N processes x M devices train exactly like 1 x N*M.
-    """
-    if process_count == 1:
-        return None
-    return np.argsort(stream_order(global_batch, process_count))
-
-
 def check_batch_divisible(global_batch: int, mesh: Mesh, what: str = "batch size") -> None:
     """One clear error when the global batch cannot be split evenly over devices and processes."""
     n = mesh.devices.size
