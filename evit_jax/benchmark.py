@@ -153,7 +153,7 @@ def _timm_forward(name: str, batch: int, height: int, width: int, dtype: str, th
 
     if not timm.is_model(name):
         raise ValueError(f"timm has no model {name!r}")
-    from evit_jax.train.bench import torch_device  # noqa: PLC0415
+    from evit_jax.train.bench import synchronize, torch_device  # noqa: PLC0415
 
     torch.set_num_threads(threads)
     device = torch_device()  # the GPU when JAX runs on one: same hardware for both
@@ -166,8 +166,7 @@ def _timm_forward(name: str, batch: int, height: int, width: int, dtype: str, th
     def forward():
         with torch.inference_mode():
             out = model(x)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         return out
 
     return forward

@@ -2,6 +2,7 @@
 
 - Nothing may download: timm is told the hub is offline before anything imports it.
 - `torch` (fixture): PyTorch with few threads - the test machine has 2 cores shared by many runs.
+- `data_dir` (fixture): an empty tfds data_dir per test module (datasets are built into it on first use).
 - `highest_precision` (fixture): float32 matmuls at full precision for the duration of one parity test
   only (on accelerators the default precision is lower; other tests keep the default).
 """
@@ -29,3 +30,8 @@ def highest_precision():
 
     with jax.default_matmul_precision("highest"):
         yield
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))

@@ -9,16 +9,10 @@ import subprocess
 import time
 
 import numpy as np
-import pytest
 
 from tests import _train_helpers as h
 
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
 
 
 def _overrides(*extra):

@@ -14,11 +14,6 @@ from evit_jax.data import sources, synthetic_cls
 TINY = "evit_shapes/tiny"
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
-
-
 def _digest(image: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
 

@@ -4,14 +4,8 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from tests import _train_helpers as h
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
 
 
 def _fails(workdir, data_dir, *overrides, devices=1, config="configs/demo.py:smoke"):

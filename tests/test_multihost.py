@@ -15,11 +15,6 @@ from tests import _train_helpers as h
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
-
-
 def _common(*extra):
     # Mixup/cutmix on: its random pairing must not depend on the process layout.
     return (f"--config.total_steps={STEPS}", "--config.mix.mixup_alpha=0.5",

@@ -11,11 +11,6 @@ from configs import demo  # noqa: E402
 from evit_jax.train import loop  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
-
-
 def _experiment(data_dir, num_classes=-1, reinit=False):
     c = demo.get_config("smoke")
     c.data.data_dir = data_dir

@@ -28,7 +28,7 @@ def torch_device() -> str:
     return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
 
 
-def _synchronize(device: str) -> None:
+def synchronize(device: str) -> None:
     if device == "cuda":
         import torch
 
@@ -49,7 +49,7 @@ def benchmark_train_step(model_name: str = "efficientvit_b1", batch: int = 16, r
                          dtype: str = "float32") -> dict:
     """images/s of evit_jax's full train step (forward, backward, clip-by-value, AdamW with
     the weight-decay mask, EMA update; BN statistics) on random data; plus compile time."""
-    from evit_jax.models import create_model
+    from evit_jax.models import create_model, get_model_spec
     from evit_jax.tasks.classification import classification_loss
     from evit_jax.train import optim
 
@@ -59,7 +59,7 @@ def benchmark_train_step(model_name: str = "efficientvit_b1", batch: int = 16, r
     ocfg = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1,
                                           no_decay_keys=("norm", "bias"), grad_clip_value=2.0))
     tx = optim.create_optimizer(ocfg, optim.warmup_cosine_schedule(1e-3, 10, 1000), params)
-    num_classes = jax.tree_util.tree_leaves(params["head"])[-1].shape[-1] if "head" in params else 1000
+    num_classes = get_model_spec(model_name).num_classes or 1000  # backbone-only models: any head size
 
     def step(carry, x, y):
         params, batch_stats, opt_state, ema, t = carry
@@ -120,7 +120,7 @@ def benchmark_timm_train_step(model_name: str = "efficientvit_b1", batch: int = 
         loss.backward()
         torch.nn.utils.clip_grad_value_(model.parameters(), 2.0)
         opt.step()
-        _synchronize(device)
+        synchronize(device)
 
     seconds = _timed(run, steps, warmup)
     return {"framework": f"timm {timm.__version__} / torch {torch.__version__}", "model": model_name,
