@@ -12,7 +12,7 @@ For each variant (``[model_name@]attention_spec``, from ``--variants`` or the co
 so every variant sees the same data, seed and recipe (a finished variant is resumed, i.e. only
 re-evaluated). The runner then reads DIR/<slug>/metrics.jsonl and writes DIR/ablation.csv and
 DIR/ablation.md with: variant, model, attention, params, GMACs at each of ``ablation.gmacs_resolutions``
-(224 and 1024 by default; analytic count of convs, linears and attention matmuls, evit_jax.flops), final
+(224 and 1024 by default; analytic count of convs, linears and attention matmuls, evit_jax.models.flops), final
 top-1 (raw and EMA weights), train images/s (median of the logged windows after the first, which holds
 compilation) and the status. The child's output goes to DIR/<slug>/train.log.
 """
@@ -86,7 +86,7 @@ def model_costs(model: str, spec: str, num_classes: int, resolutions: Sequence[i
     import jax.numpy as jnp
     import numpy as np
 
-    from evit_jax.flops import count_macs_fn
+    from evit_jax.models.flops import count_macs_fn
     from evit_jax.models import create_model
 
     net = create_model(model, num_classes=num_classes, attention=spec, conv_impl="lax")
@@ -171,13 +171,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if any(a.startswith(("--config.model.name", "--config.model.attention")) for a in passthrough):
         raise ValueError("set model name / attention per variant with --variants, not --config.model.*")
 
-    from evit_jax.cost_sweep import split_specs
+    from evit_jax.models.attention_kernels import split_attention_specs
 
     config = load_config_file(args.config)
     variants_text = args.variants if args.variants is not None else config.get("ablation", {}).get("variants", "")
     if not variants_text:
         raise ValueError(f"{args.config} has no ablation.variants; pass --variants='relu_linear,softmax'")
-    variants = validate_variants(split_specs(variants_text), config.model.name)
+    variants = validate_variants(split_attention_specs(variants_text), config.model.name)
     gmacs_res = tuple(config.ablation.gmacs_resolutions) if "ablation" in config else (224, 1024)
     num_classes = _num_classes(config)  # FileNotFoundError with the prepare command for a missing dataset
     os.makedirs(args.workdir, exist_ok=True)

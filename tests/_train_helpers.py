@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,28 +59,12 @@ def _tiny_module():
 
 
 def register_tiny_model() -> None:
-    """Makes the classification task accept model name ``tiny_test_cnn``."""
-    from evit_jax.tasks import base, classification
+    """Adds model ``tiny_test_cnn`` to the zoo (a 10-class classifier by default)."""
+    from evit_jax.models import ModelSpec, register_model
 
-    if getattr(classification, "_tiny_registered", False):
-        return
-    real_create, real_spec = classification.create_model, classification.get_model_spec
     tiny_cls = _tiny_module()
-
-    def create_model(name, *, num_classes=None, dtype=None, **kwargs):
-        if name == TINY:
-            return tiny_cls(num_classes=num_classes or 10, dtype=dtype)
-        return real_create(name, num_classes=num_classes, dtype=dtype, **kwargs)
-
-    def get_model_spec(name):
-        if name == TINY:
-            return types.SimpleNamespace(name=TINY, task="classification", num_classes=10, family="tiny")
-        return real_spec(name)
-
-    classification.create_model = create_model
-    classification.get_model_spec = get_model_spec
-    base.get_model_spec = get_model_spec  # DatasetTask.model_name
-    classification._tiny_registered = True
+    register_model(ModelSpec(TINY, "classification", "tiny", 10),
+                   lambda options: tiny_cls(num_classes=options.classes(), dtype=options.cfg.dtype))
 
 
 def env_for(devices: int = 1, **extra: str) -> dict:

@@ -18,9 +18,9 @@ CONFIG = os.path.join(REPO, "configs", "ablate_attention.py")
 
 def test_config_lists_valid_variants():
     config = ablation.load_config_file(CONFIG)
-    from evit_jax.cost_sweep import split_specs
+    from evit_jax.models.attention_kernels import split_attention_specs
 
-    variants = ablation.validate_variants(split_specs(config.ablation.variants), config.model.name)
+    variants = ablation.validate_variants(split_attention_specs(config.ablation.variants), config.model.name)
     labels = [v[0] for v in variants]
     assert {"relu_linear", "softmax", "elu_linear", "focused", "cosformer", "relu_linear(scales=(3, 5))",
             "efficientvit_v1_b0@relu_linear"} <= set(labels)

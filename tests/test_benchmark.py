@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from evit_jax import benchmark, flops
+from evit_jax.models import flops
+from evit_jax.tools import benchmark
 
 
 def test_cli_runs_tiny_model_and_reports_every_figure(capsys):

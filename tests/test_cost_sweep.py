@@ -8,11 +8,12 @@ import os
 
 import pytest
 
-from evit_jax import cost_sweep
+from evit_jax.models.attention_kernels import split_attention_specs
+from evit_jax.tools import cost_sweep
 
 
 def test_split_specs_keeps_commas_inside_parentheses():
-    assert cost_sweep.split_specs("relu_linear, focused(power=2, scales=(3, 5)),softmax") == [
+    assert split_attention_specs("relu_linear, focused(power=2, scales=(3, 5)),softmax") == [
         "relu_linear", "focused(power=2, scales=(3, 5))", "softmax"]
 
 

@@ -70,7 +70,7 @@ def test_missing_real_dataset_names_data_dir_and_command(tmp_path):
 
 
 def test_bad_names_and_splits(data_dir):
-    with pytest.raises(ValueError, match="Unknown dataset 'imagenet'.*imagenet2012"):
+    with pytest.raises(FileNotFoundError, match="Unknown dataset 'imagenet'.*imagenet2012.*prepare image_folder --name imagenet"):
         sources.get_source("imagenet", "train", data_dir)
     with pytest.raises(ValueError, match="Unknown config 'huge'"):
         sources.get_source("evit_shapes/huge", "train", data_dir)
@@ -137,3 +137,41 @@ def test_mean_colour_classifier_is_near_chance():
     mean_colour = nearest_centroid_accuracy(train_x.mean((1, 2)), test_x.mean((1, 2)))
     assert mean_colour < 0.3, mean_colour
     assert all((train_y == c).sum() > 50 for c in range(10))  # Classes are balanced-ish.
+
+
+def test_user_named_dataset_reads_back_without_its_builder(tmp_path):
+    """A dataset prepared under a name of the user's reads back from data_dir/NAME through its stored
+    metadata; the same builder class prepares any number of names."""
+    import io
+
+    import PIL.Image
+    import tensorflow_datasets as tfds
+
+    class _Folder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3)),
+                "label": tfds.features.ClassLabel(names=["cat", "dog"])}),
+                metadata=tfds.core.MetadataDict(evit_task="classification"))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(5), "validation": self._generate_examples(2)}
+
+        def _generate_examples(self, n):
+            for i in range(n):
+                buffer = io.BytesIO()
+                PIL.Image.fromarray(np.full((6, 8, 3), i, np.uint8)).save(buffer, "PNG")
+                yield i, {"image": buffer.getvalue(), "label": i % 2}
+
+    for name in ("pets", "pets_copy"):
+        sources.named_builder_class(_Folder, name)(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    info = sources.get_info("pets", str(tmp_path))
+    assert (info.task, info.num_classes, info.class_names, info.split_sizes) == (
+        "classification", 2, ("cat", "dog"), {"train": 5, "validation": 2})
+    example = sources.get_source("pets_copy", "train", str(tmp_path))[3]
+    assert example["image"].shape == (6, 8, 3) and int(example["label"]) == 1
+    for bad in ("evit_shapes", "Pets", "9lives", "a-b"):
+        with pytest.raises(ValueError, match="dataset name"):
+            sources.named_builder_class(_Folder, bad)

@@ -203,15 +203,14 @@ _GLOBAL_EVAL_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
     import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
     from evit_jax.data import pipeline, transforms
+    from evit_jax.train import mesh as mesh_lib
 
     port, process_id, process_count = map(int, sys.argv[1:4])
     if process_count > 1:
         jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=process_count,
                                    process_id=process_id)
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    mesh = mesh_lib.create_mesh("replicated")
     source = [{"image": np.full((8, 8, 3), i, np.uint8), "label": i} for i in range(37)]
     iterator = pipeline.make_eval_iterator(
         source, transforms.ClassificationEvalTransform(size=8), global_batch_size=8,
@@ -225,7 +224,7 @@ _GLOBAL_EVAL_SCRIPT = textwrap.dedent("""
 
     count = label_sum = 0
     for local in iterator:
-        batch = pipeline.to_global_batch(local, sharding)
+        batch = mesh_lib.global_batch_from_local(local, mesh)
         assert batch["image"].shape == (8, 8, 8, 3), batch["image"].shape
         c, s, consistent = stats(batch)
         assert bool(consistent)
@@ -251,10 +250,12 @@ def test_global_eval_batches_across_devices_and_processes(process_count):
 
 
 def test_benchmark_command_runs(tmp_path, capsys):
-    pipeline._main(["--bench", "--dataset", "evit_shapes/tiny", "--data_dir", str(tmp_path),
+    from evit_jax.tools import pipeline_bench
+
+    pipeline_bench.main(["--dataset", "evit_shapes/tiny", "--data_dir", str(tmp_path),
                     "--image_sizes", "16,24", "--workers", "0", "--batch_size", "8",
                     "--num_batches", "2"])
     lines = [line for line in capsys.readouterr().out.splitlines() if "images/s" in line]
     assert len(lines) == 2 and "@24px" in lines[1] and "CPU-ms/image" in lines[0]
     with pytest.raises(SystemExit):
-        pipeline._main(["--data_dir", str(tmp_path)])  # Nothing asked for.
+        pipeline_bench.main([])  # --data_dir is required.

@@ -80,7 +80,7 @@ def torch_to_flax_array(collection: str, path: tuple[str, ...], value: np.ndarra
     return value
 
 
-# Official -> timm prefix renames (checked exact on all seven classification models, efficientvit.md 3).
+# Official -> timm prefix renames (checked exact on all seven classification models against timm/models/efficientvit_mit.py).
 _B_TO_TIMM = [
     (r"^backbone\.input_stem\.op_list\.0\.", "stem.in_conv."),
     (r"^backbone\.input_stem\.op_list\.(\d+)\.", lambda m: f"stem.res{int(m.group(1)) - 1}."),

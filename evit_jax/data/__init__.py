@@ -4,7 +4,7 @@
   known dataset (built-in synthetic ones are generated on first use).
 - `synthetic_cls`: the `evit_shapes` classification builder.
 - `transforms`: per-example classification transforms (RandomResizedCrop, flip, eval crop).
-- `pipeline`: grain train/eval iterators, `to_global_batch`, `benchmark_pipeline`.
+- `pipeline`: grain train/eval iterators (sharded per process, checkpointable).
 
 Submodules are imported explicitly (`from evit_jax.data import pipeline`) so that
 importing one does not pay for the others (tfds import costs about a second).

@@ -24,16 +24,14 @@ Typical use in a training loop::
                              image_sizes=[128, 160, 192, 224], seed=0,
                              process_index=jax.process_index(),
                              process_count=jax.process_count())
-    batch = to_global_batch(next(it), NamedSharding(mesh, P("data")))
+    batch = evit_jax.train.mesh.global_batch_from_local(next(it), mesh)
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import time
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
@@ -289,79 +287,3 @@ def make_bucketed_eval_iterator(source: Sequence[dict[str, Any]],
     dataset = grain.MapDataset.source(_PlannedShard(source, items)).map(_BucketedEvalExample(transform_fn))
     dataset = dataset.batch(local_batch, drop_remainder=True, batch_fn=_stack)
     return _finish(dataset, worker_count, read_threads, prefetch_batches)
-
-
-def to_global_batch(local_batch: Mapping[str, np.ndarray], sharding: Any) -> dict[str, Any]:
-    """Assembles the processes' local batches into global jax.Arrays.
-
-    `sharding` is one `jax.sharding.Sharding` (its leading axis splits the batch, e.g.
-    `NamedSharding(mesh, P("data"))`) used for every entry, or a dict of them by key.
-    Each process passes its own local batch; the global batch is their concatenation in
-    process order.
-    """
-    import jax  # Lazily: the rest of the data package runs without touching devices.
-
-    def put(key: str, value: np.ndarray) -> jax.Array:
-        leaf_sharding = sharding[key] if isinstance(sharding, Mapping) else sharding
-        return jax.make_array_from_process_local_data(leaf_sharding, np.asarray(value))
-
-    return {key: put(key, value) for key, value in local_batch.items()}
-
-
-def benchmark_pipeline(name: str = "evit_shapes", *, data_dir: str, image_size: int = 64,
-                       batch_size: int = 128, worker_count: int = 0, num_batches: int = 20,
-                       read_threads: int = 2, seed: int = 0,
-                       print_fn: Callable[[str], None] = print) -> float:
-    """Measures training-pipeline throughput (images/s) on `name`'s train split.
-
-    Uses the standard classification train transform at `image_size`; the first batch
-    (start-up, worker spawn) is excluded. Prints and returns the rate.
-    """
-    from evit_jax.data import sources, transforms
-
-    source = sources.get_source(name, "train", data_dir)
-    iterator = make_train_iterator(
-        source, transforms.ClassificationTrainTransform(), global_batch_size=batch_size,
-        image_sizes=[image_size], seed=seed, process_index=0, process_count=1,
-        worker_count=worker_count, read_threads=read_threads)
-    try:
-        next(iterator)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        for _ in range(num_batches):
-            next(iterator)
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    finally:
-        if hasattr(iterator, "close"):
-            iterator.close()
-    rate = num_batches * batch_size / elapsed
-    per_worker = rate / max(worker_count, 1)
-    # In-process runs also report CPU time per image: less sensitive to a busy machine.
-    cpu_note = (f", {1000 * cpu / (num_batches * batch_size):.2f} CPU-ms/image"
-                if worker_count == 0 else "")
-    print_fn(f"{name} train @{image_size}px batch {batch_size}: workers={worker_count} "
-             f"threads={read_threads}: {rate:.0f} images/s ({per_worker:.0f} per worker{cpu_note})")
-    return rate
-
-
-def _main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="evit_jax input pipeline tools.")
-    parser.add_argument("--bench", action="store_true", help="measure train throughput")
-    parser.add_argument("--dataset", default="evit_shapes")
-    parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--image_sizes", default="64,224", help="comma-separated sizes")
-    parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
-    parser.add_argument("--read_threads", type=int, default=2)
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--num_batches", type=int, default=20)
-    args = parser.parse_args(argv)
-    if not args.bench:
-        parser.error("nothing to do: pass --bench")
-    for size in (int(s) for s in args.image_sizes.split(",")):
-        for workers in (int(w) for w in args.workers.split(",")):
-            benchmark_pipeline(args.dataset, data_dir=args.data_dir, image_size=size,
-                               batch_size=args.batch_size, worker_count=workers,
-                               num_batches=args.num_batches, read_threads=args.read_threads)
-
-
-if __name__ == "__main__":
-    _main()

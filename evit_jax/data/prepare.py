@@ -14,26 +14,10 @@ checked before anything is written. The synthetic datasets need no ``--src``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
-# name -> "module:Class" (imported lazily: each builder pulls in only what it needs).
-BUILDERS = {
-    "cityscapes": "evit_jax.data.cityscapes:Cityscapes",
-    "ade20k": "evit_jax.data.ade20k:Ade20k",
-    "evit_seg_shapes": "evit_jax.data.synthetic_seg:EvitSegShapes",
-    "evit_shapes": "evit_jax.data.synthetic_cls:EvitShapes",
-}
-MANUAL = ("cityscapes", "ade20k")
-
-
-def builder_class(name: str) -> type:
-    """The tfds builder class of dataset ``name``."""
-    if name not in BUILDERS:
-        raise ValueError(f"Unknown dataset {name!r}; choose one of {', '.join(BUILDERS)}.")
-    module_name, class_name = BUILDERS[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+from evit_jax.data import sources
 
 
 def prepare(name: str, data_dir: str, src: str | None = None, config: str | None = None):
@@ -44,8 +28,8 @@ def prepare(name: str, data_dir: str, src: str | None = None, config: str | None
     """
     import tensorflow_datasets as tfds
 
-    cls = builder_class(name)
-    if name in MANUAL:
+    cls = sources.builder_class(name)
+    if name in sources.manual_datasets():
         if not src:
             raise ValueError(f"{name} needs --src: the folder holding the downloaded files.")
         src = os.path.abspath(os.path.expanduser(src))
@@ -71,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m evit_jax.data.prepare",
         description="Prepare a dataset as tfds ArrayRecord files (nothing is downloaded).")
-    parser.add_argument("dataset", choices=sorted(BUILDERS))
+    parser.add_argument("dataset", choices=sources.manual_datasets() + sources.generated_datasets())
     parser.add_argument("--src", default=None,
                         help="folder with the manually downloaded files (cityscapes, ade20k)")
     parser.add_argument("--data_dir", required=True, help="tfds data directory to write into")

@@ -13,6 +13,11 @@ path or a `gs://` path; tfds handles both). Nothing is ever downloaded:
 - real datasets (`imagenet2012`, `cityscapes`, `ade20k`) must be prepared by the user;
     a missing one raises FileNotFoundError with the exact command to prepare it.
 
+- your own datasets, prepared under a name of your choice by `python -m evit_jax.data.prepare`
+    (an image folder, a COCO-format detection set): read back from `data_dir/NAME` without
+    their builder class; what a task needs (task, class names, keys) is stored in the
+    dataset's tfds metadata (:data:`METADATA_KEYS`).
+
 A name may select a builder config: `evit_shapes/tiny` (32 px, 300/70 images) is the
 small variant used by tests and smoke runs.
 """
@@ -41,9 +46,14 @@ class _Entry:
     """How to find, build or explain the preparation of one dataset."""
 
     builder_ref: str            # "module:Class" (imported lazily) or a tfds registered name
-    task: str                   # "classification" | "segmentation"
+    task: str                   # "classification" | "segmentation" | "detection"
     auto_build: bool            # generated on first use
     prepare_command: str = ""   # shown when a real dataset is missing ({data_dir} filled in)
+
+    @property
+    def manual(self) -> bool:
+        """Prepared by `evit_jax.data.prepare` from files the user downloaded (needs --src)."""
+        return not self.auto_build and ":" in self.builder_ref
 
 
 _REGISTRY: dict[str, _Entry] = {
@@ -64,12 +74,21 @@ _REGISTRY: dict[str, _Entry] = {
 }
 
 
+# Metadata a user-named dataset stores (tfds `DatasetInfo.metadata`) so that it reads back
+# without its builder class: {"evit_task": task, "image_key": ..., "label_key": ...,
+# "class_names": [...] (when the label is not a ClassLabel), "ignore_index": int (seg)}.
+METADATA_KEYS = ("evit_task", "image_key", "label_key", "class_names", "ignore_index")
+_USER_PREPARE = ("python -m evit_jax.data.prepare image_folder --name {name} --src DIR --data_dir {data_dir} | "
+                 "python -m evit_jax.data.prepare coco_json --name {name} --images DIR --train_json A.json "
+                 "--val_json B.json --data_dir {data_dir}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     """What a task needs to know about a dataset without reading it."""
 
     name: str
-    task: str                           # "classification" | "segmentation"
+    task: str                           # "classification" | "segmentation" | "detection"
     num_classes: int
     split_sizes: dict[str, int]         # num_examples per split
     class_names: tuple[str, ...] | None
@@ -79,15 +98,51 @@ class DatasetInfo:
 
 
 def list_datasets() -> list[str]:
-    """Names accepted by `get_source` / `get_info` (a `/config` suffix may follow)."""
+    """The built-in names accepted by `get_source` / `get_info` (a `/config` suffix may follow);
+    user-named datasets prepared into a data_dir are accepted too."""
     return sorted(_REGISTRY)
+
+
+def manual_datasets() -> list[str]:
+    """Datasets `evit_jax.data.prepare` builds from downloaded files (``--src``)."""
+    return sorted(n for n, e in _REGISTRY.items() if e.manual)
+
+
+def generated_datasets() -> list[str]:
+    """Built-in procedural datasets (generated on first use, or by `prepare`)."""
+    return sorted(n for n, e in _REGISTRY.items() if e.auto_build)
 
 
 def _split_name(name: str) -> tuple[str, str | None]:
     base, _, config = name.partition("/")
-    if base not in _REGISTRY:
-        raise ValueError(f"Unknown dataset {name!r}; known datasets: {', '.join(list_datasets())}.")
     return base, (config or None)
+
+
+def check_user_name(name: str) -> None:
+    """A name for a user-prepared dataset: lowercase snake case, not a built-in name."""
+    if not name or not name.replace("_", "a").isalnum() or not name[0].isalpha() or name != name.lower():
+        raise ValueError(f"dataset name {name!r} must be lowercase letters, digits and '_', starting with a letter.")
+    if name in _REGISTRY:
+        raise ValueError(f"dataset name {name!r} is a built-in dataset; choose another --name.")
+
+
+def builder_class(name: str) -> type:
+    """The tfds builder class of built-in dataset ``name`` (not of tfds-registered ones)."""
+    entry = _REGISTRY.get(_split_name(name)[0])
+    cls = _builder_class(entry) if entry is not None else None
+    if cls is None:
+        raise ValueError(f"Unknown dataset {name!r}; the datasets with builders here are: "
+                         f"{', '.join(n for n in list_datasets() if _builder_class(_REGISTRY[n]))}.")
+    return cls
+
+
+def named_builder_class(base: type, name: str) -> type:
+    """A subclass of builder ``base`` whose tfds name is ``name`` (a user-named dataset), not
+    added to tfds's registry: the same builder can prepare any number of named datasets."""
+    import types
+
+    check_user_name(name)
+    return types.new_class(name, (base,), {"skip_registration": True}, lambda ns: ns.update(name=name))
 
 
 def _builder_class(entry: _Entry) -> type | None:
@@ -96,6 +151,19 @@ def _builder_class(entry: _Entry) -> type | None:
     module_name, class_name = entry.builder_ref.split(":")
     module = importlib.import_module(module_name)
     return getattr(module, class_name)
+
+
+def _user_dataset_dir(name: str, data_dir: str) -> str | None:
+    """data_dir/NAME/<newest version> of a user-prepared dataset, or None."""
+    root = os.path.join(data_dir, name)
+    if not tfds.core.Path(root).exists():
+        return None
+    versions = [v.name for v in tfds.core.Path(root).iterdir()
+                if v.is_dir() and v.name.count(".") == 2 and v.name.replace(".", "").isdigit()]
+    if not versions:
+        return None
+    newest = max(versions, key=lambda v: tuple(int(x) for x in v.split(".")))
+    return os.path.join(root, newest)
 
 
 def _is_remote(path: str) -> bool:
@@ -107,9 +175,23 @@ def _normalise_dir(data_dir: str | os.PathLike) -> str:
     return data_dir if _is_remote(data_dir) else os.path.expanduser(data_dir)
 
 
+def _unknown_message(name: str, data_dir: str) -> str:
+    return (f"Unknown dataset {name!r}: not a built-in dataset ({', '.join(list_datasets())}) and not prepared "
+            f"in data_dir={data_dir!r}; prepare your own with: {_USER_PREPARE.format(name=name, data_dir=data_dir)}")
+
+
 def _make_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     base, config = _split_name(name)
-    entry = _REGISTRY[base]
+    entry = _REGISTRY.get(base)
+    if entry is None:
+        path = _user_dataset_dir(base, data_dir) if config is None else None
+        if path is None:
+            raise FileNotFoundError(_unknown_message(name, data_dir))
+        builder = tfds.builder_from_directory(path)
+        if "evit_task" not in (builder.info.metadata or {}):
+            raise ValueError(f"{path} holds a tfds dataset that evit_jax.data.prepare did not write "
+                             "(its metadata has no 'evit_task'); prepare it again with evit_jax.data.prepare.")
+        return builder
     cls = _builder_class(entry)
     if cls is None:
         return tfds.builder(base if config is None else f"{base}/{config}", data_dir=data_dir,
@@ -125,7 +207,10 @@ def _make_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
 
 
 def _prepare_command(name: str, data_dir: str) -> str:
-    return _REGISTRY[_split_name(name)[0]].prepare_command.format(data_dir=data_dir)
+    entry = _REGISTRY.get(_split_name(name)[0])
+    if entry is None:
+        return _USER_PREPARE.format(name=name, data_dir=data_dir)
+    return entry.prepare_command.format(data_dir=data_dir)
 
 
 def _missing_message(name: str, data_dir: str) -> str:
@@ -176,15 +261,14 @@ def prepare(name: str, data_dir: str,
     dataset, and ValueError for an unknown name or config.
     """
     data_dir = _normalise_dir(data_dir)
-    base, _ = _split_name(name)
-    entry = _REGISTRY[base]
+    entry = _REGISTRY.get(_split_name(name)[0])
     try:
         builder = _make_builder(name, data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise FileNotFoundError(_missing_message(name, data_dir)) from e
     if builder.is_prepared():
         return builder
-    if not entry.auto_build or not build:
+    if entry is None or not entry.auto_build or not build:
         raise FileNotFoundError(_missing_message(name, data_dir))
     if _is_remote(data_dir):
         _build_on_remote(builder, name, process_index)
@@ -249,13 +333,45 @@ def image_sizes(name: str, split: str, data_dir: str, image_key: str = "image",
     return sizes
 
 
-def _label_key(features: tfds.features.FeaturesDict, cls: type | None, task: str) -> str:
-    if cls is not None and hasattr(cls, "LABEL_KEY"):
-        return cls.LABEL_KEY
-    for key in (("label",) if task == "classification" else ("segmentation_mask", "label")):
+def _label_key(features: tfds.features.FeaturesDict, task: str) -> str:
+    for key in {"classification": ("label",), "detection": ("objects",)}.get(task, ("segmentation_mask", "label")):
         if key in features:
             return key
     raise ValueError(f"Cannot tell the label feature among {list(features)}.")
+
+
+def _attributes(name: str, builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
+    """task, image_key, label_key, class_names, num_classes, ignore_index of a dataset: from
+    its builder class (built-in) or its stored metadata (user-named)."""
+    entry = _REGISTRY.get(_split_name(name)[0])
+    features = builder.info.features
+    if entry is not None:
+        cls = _builder_class(entry)
+        task = entry.task
+        attrs = {"image_key": getattr(cls, "IMAGE_KEY", "image"), "label_key": getattr(cls, "LABEL_KEY", None),
+                 "class_names": tuple(getattr(cls, "CLASS_NAMES", ())) or None,
+                 "num_classes": getattr(cls, "NUM_CLASSES", None), "ignore_index": getattr(cls, "IGNORE_INDEX", None)}
+    else:
+        meta = dict(builder.info.metadata)
+        task = meta["evit_task"]
+        names = meta.get("class_names")
+        attrs = {"image_key": meta.get("image_key", "image"), "label_key": meta.get("label_key"),
+                 "class_names": tuple(names) if names else None, "num_classes": None,
+                 "ignore_index": meta.get("ignore_index")}
+    attrs["task"] = task
+    attrs["label_key"] = attrs["label_key"] or _label_key(features, task)
+    label_feature = features[attrs["label_key"]]
+    if isinstance(label_feature, tfds.features.ClassLabel):
+        attrs["class_names"] = tuple(label_feature.names)
+    if attrs["class_names"] is not None:
+        attrs["num_classes"] = len(attrs["class_names"])
+    if attrs["num_classes"] is None:
+        raise ValueError(f"Dataset {name!r} declares neither class names nor NUM_CLASSES.")
+    if task == "segmentation" and attrs["ignore_index"] is None:
+        attrs["ignore_index"] = 255
+    elif task != "segmentation":
+        attrs["ignore_index"] = None
+    return attrs
 
 
 def get_info(name: str, data_dir: str, *, build: bool = True) -> DatasetInfo:
@@ -264,34 +380,15 @@ def get_info(name: str, data_dir: str, *, build: bool = True) -> DatasetInfo:
     Built-in datasets are generated if needed (split sizes are known only once built;
     ``build=False``: never); a missing dataset raises FileNotFoundError like `get_source`.
     """
-    data_dir = _normalise_dir(data_dir)
-    base, _ = _split_name(name)
-    entry = _REGISTRY[base]
-    builder = prepare(name, data_dir, build=build)
-    cls = _builder_class(entry)
-    features = builder.info.features
-    image_key = getattr(cls, "IMAGE_KEY", "image")
-    label_key = _label_key(features, cls, entry.task)
-    label_feature = features[label_key]
-    if isinstance(label_feature, tfds.features.ClassLabel):
-        class_names = tuple(label_feature.names)
-    else:
-        class_names = tuple(getattr(cls, "CLASS_NAMES", ())) or None
-    if class_names is not None:
-        num_classes = len(class_names)
-    elif hasattr(cls, "NUM_CLASSES"):
-        num_classes = int(cls.NUM_CLASSES)
-    else:
-        raise ValueError(f"Dataset {name!r} declares neither class names nor NUM_CLASSES.")
-    ignore_index = (None if entry.task == "classification"
-                    else int(getattr(cls, "IGNORE_INDEX", 255)))
+    builder = prepare(name, _normalise_dir(data_dir), build=build)
+    a = _attributes(name, builder)
     return DatasetInfo(
         name=name,
-        task=entry.task,
-        num_classes=num_classes,
+        task=a["task"],
+        num_classes=int(a["num_classes"]),
         split_sizes={s: int(v.num_examples) for s, v in builder.info.splits.items()},
-        class_names=class_names,
-        ignore_index=ignore_index,
-        image_key=image_key,
-        label_key=label_key,
+        class_names=a["class_names"],
+        ignore_index=None if a["ignore_index"] is None else int(a["ignore_index"]),
+        image_key=a["image_key"],
+        label_key=a["label_key"],
     )

@@ -284,3 +284,18 @@ def attention_spec_string(attention: str, options: Mapping[str, Any] | None = No
             raise ValueError("give scales either as create_model(scales=...) or in attention_options, not both")
         merged["scales"] = tuple(scales)
     return parse_attention(attention, merged).to_string()
+
+
+def split_attention_specs(text: str) -> list[str]:
+    """'relu_linear,focused(power=2, value_dwc=0)' -> ['relu_linear', 'focused(power=2, value_dwc=0)']:
+    commas inside parentheses belong to a spec."""
+    parts, depth, current = [], 0, []
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            parts.append("".join(current).strip())
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current).strip())
+    return [p for p in parts if p]

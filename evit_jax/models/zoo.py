@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -62,7 +62,7 @@ TIMM_ATTENTION_EPS = 1e-5
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     name: str
-    task: str  # "classification" | "segmentation" | "backbone"
+    task: str  # "classification" | "segmentation" | "detection" | "backbone" (or a test's own)
     variant: str  # "b0" ... "l3"
     num_classes: int | None = None
     dataset: str | None = None  # segmentation only
@@ -72,32 +72,45 @@ class ModelSpec:
     def family(self) -> str:
         return self.variant[0]
 
-    @property
-    def official_name(self) -> str:
-        return self.name.replace("_", "-")
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """What `create_model` hands a registered builder: the shared options, already checked."""
+
+    spec: ModelSpec
+    cfg: LayerConfig  # dtype, param_dtype, BN eps, conv_impl, zero-gamma
+    attention_kw: Mapping[str, Any]  # attention, attention_eps, quadratic_fallback
+    num_classes: int | None  # the caller's override (None: the spec's own)
+    drop_path_rate: float
+    drop_path_skip: int
+    dropout: float
+    design: str  # "v2" | "v1"
+    timm: bool  # numerics="timm"
+
+    def drop_path_rates(self, num_blocks: int) -> tuple[float, ...]:
+        """Official stochastic-depth rates of `num_blocks` identity-residual blocks (empty when off)."""
+        if not self.drop_path_rate:
+            return ()
+        return linear_drop_path_rates(num_blocks, self.drop_path_rate, self.drop_path_skip)
+
+    def classes(self) -> int:
+        n = self.spec.num_classes if self.num_classes is None else self.num_classes
+        if n is None or n < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {self.num_classes}")
+        return n
 
 
-def _build_registry() -> dict[str, ModelSpec]:
-    specs = {}
-    for v in list(B_BACKBONES) + list(L_BACKBONES):
-        specs[f"efficientvit_backbone_{v}"] = ModelSpec(f"efficientvit_backbone_{v}", "backbone", v)
-    for v in CLS_HEAD_WIDTHS:
-        specs[f"efficientvit_{v}"] = ModelSpec(f"efficientvit_{v}", "classification", v, 1000)
-    for v, dataset in SEG_HEADS:
-        name = f"efficientvit_seg_{v}_{dataset}"
-        specs[name] = ModelSpec(name, "segmentation", v, SEG_NUM_CLASSES[dataset], dataset)
-    # Paper-v1 designs of the B family: efficientvit_v1_b1, efficientvit_backbone_v1_b1, efficientvit_seg_v1_b1_ade20k.
-    for v in B_BACKBONES:
-        specs[f"efficientvit_backbone_v1_{v}"] = ModelSpec(f"efficientvit_backbone_v1_{v}", "backbone", v, design="v1")
-        specs[f"efficientvit_v1_{v}"] = ModelSpec(f"efficientvit_v1_{v}", "classification", v, 1000, design="v1")
-    for v, dataset in SEG_HEADS:
-        if v in B_BACKBONES:
-            name = f"efficientvit_seg_v1_{v}_{dataset}"
-            specs[name] = ModelSpec(name, "segmentation", v, SEG_NUM_CLASSES[dataset], dataset, design="v1")
-    return specs
+Builder = Callable[[BuildOptions], nn.Module]
+_REGISTRY: dict[str, tuple[ModelSpec, Builder]] = {}
 
 
-MODEL_SPECS: dict[str, ModelSpec] = _build_registry()
+def register_model(spec: ModelSpec, builder: Builder) -> None:
+    """Adds a model to the zoo: `create_model(spec.name)` then calls `builder(options)`.
+
+    The zoo registers every official model below; other modules (detection) and tests register their own.
+    Registering a name again replaces it (a test re-registering its stand-in model is harmless).
+    """
+    _REGISTRY[spec.name] = (spec, builder)
 
 
 def canonical_name(name: str) -> str:
@@ -107,39 +120,89 @@ def canonical_name(name: str) -> str:
 
 def list_models(task: str | None = None) -> list[str]:
     """Every model name (optionally only those of one task), sorted."""
-    return sorted(n for n, s in MODEL_SPECS.items() if task is None or s.task == task)
+    return sorted(n for n, (s, _) in _REGISTRY.items() if task is None or s.task == task)
 
 
 def get_model_spec(name: str) -> ModelSpec:
     key = canonical_name(name)
-    if key not in MODEL_SPECS:
-        close = difflib.get_close_matches(key, MODEL_SPECS, n=3, cutoff=0.6)
+    if key not in _REGISTRY:
+        close = difflib.get_close_matches(key, _REGISTRY, n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ValueError(f"unknown model {name!r}: {hint}see evit_jax.models.list_models() for all {len(MODEL_SPECS)} names")
-    return MODEL_SPECS[key]
+        raise ValueError(f"unknown model {name!r}: {hint}see evit_jax.models.list_models() for all {len(_REGISTRY)} names")
+    return _REGISTRY[key][0]
 
 
-def _build_backbone(variant: str, cfg: LayerConfig, drop_path_rates: tuple[float, ...], design: str = "v2",
-                    **attention_kw) -> nn.Module:
-    if design == "v1":
+# ---------------------------------------------------------------------------- the official models
+def build_backbone(options: BuildOptions, rates: Sequence[float] = ()) -> nn.Module:
+    """The backbone of `options.spec.variant` in `options.design`, with per-block drop-path `rates`."""
+    variant, cfg, attention_kw = options.spec.variant, options.cfg, options.attention_kw
+    if options.design == "v1":
         b = B_BACKBONES[variant]
-        return EfficientViTV1Backbone(b["widths"], b["depths"], cfg, dim=b["dim"], drop_path_rates=drop_path_rates,
+        return EfficientViTV1Backbone(b["widths"], b["depths"], cfg, dim=b["dim"], drop_path_rates=tuple(rates),
                                       **attention_kw)
     if variant in B_BACKBONES:
-        return EfficientViTBackbone(cfg=cfg, act=FAMILY_ACT["b"], drop_path_rates=drop_path_rates,
+        return EfficientViTBackbone(cfg=cfg, act=FAMILY_ACT["b"], drop_path_rates=tuple(rates),
                                     **B_BACKBONES[variant], **attention_kw)
-    return EfficientViTLargeBackbone(cfg=cfg, act=FAMILY_ACT["l"], drop_path_rates=drop_path_rates,
+    return EfficientViTLargeBackbone(cfg=cfg, act=FAMILY_ACT["l"], drop_path_rates=tuple(rates),
                                      **L_BACKBONES[variant], **attention_kw)
 
 
-def _num_identity_blocks(spec: ModelSpec) -> int:
-    if spec.family == "b":
-        n = EfficientViTBackbone.num_identity_blocks(B_BACKBONES[spec.variant]["depths"])
+def num_backbone_identity_blocks(variant: str) -> int:
+    """Identity-residual blocks of a backbone (the blocks stochastic depth applies to)."""
+    if variant in B_BACKBONES:
+        return EfficientViTBackbone.num_identity_blocks(B_BACKBONES[variant]["depths"])
+    return EfficientViTLargeBackbone.num_identity_blocks(L_BACKBONES[variant]["depths"])
+
+
+def _build_backbone_model(o: BuildOptions) -> nn.Module:
+    if o.num_classes is not None:
+        raise ValueError(f"{o.spec.name} is a backbone and has no classes")
+    return build_backbone(o, o.drop_path_rates(num_backbone_identity_blocks(o.spec.variant)))
+
+
+def _build_classifier(o: BuildOptions) -> nn.Module:
+    v = o.spec.variant
+    head = ClsHead(CLS_HEAD_WIDTHS[v], o.classes(), o.cfg, act=FAMILY_ACT[o.spec.family], dropout=o.dropout,
+                   in_conv_bn_eps=1e-5 if o.timm and o.spec.family == "l" else None)
+    return EfficientViTCls(build_backbone(o, o.drop_path_rates(num_backbone_identity_blocks(v))), head)
+
+
+def _build_segmenter(o: BuildOptions) -> nn.Module:
+    if o.timm:
+        raise ValueError("timm has no EfficientViT segmentation models; use numerics='official'")
+    spec, seg = o.spec, SEG_HEADS[(o.spec.variant, o.spec.dataset)]
+    n_backbone = num_backbone_identity_blocks(spec.variant)
+    rates = o.drop_path_rates(n_backbone + seg["head_depth"])
+    backbone = build_backbone(o, rates[:n_backbone])
+    if o.design == "v1":
+        head = FusionSegHead(o.classes(), o.cfg, head_width=seg["head_width"], head_depth=seg["head_depth"],
+                             final_expand=seg["final_expand"], dropout=o.dropout, drop_path_rates=rates[n_backbone:])
     else:
-        n = EfficientViTLargeBackbone.num_identity_blocks(L_BACKBONES[spec.variant]["depths"])
-    if spec.task == "segmentation":
-        n += SEG_HEADS[(spec.variant, spec.dataset)]["head_depth"]
-    return n
+        head = SegHead(o.classes(), o.cfg, act=FAMILY_ACT[spec.family], dropout=o.dropout,
+                       drop_path_rates=rates[n_backbone:], **seg)
+    return EfficientViTSeg(backbone, head)
+
+
+def _register_official_models() -> None:
+    for v in list(B_BACKBONES) + list(L_BACKBONES):
+        register_model(ModelSpec(f"efficientvit_backbone_{v}", "backbone", v), _build_backbone_model)
+    for v in CLS_HEAD_WIDTHS:
+        register_model(ModelSpec(f"efficientvit_{v}", "classification", v, 1000), _build_classifier)
+    for v, dataset in SEG_HEADS:
+        name = f"efficientvit_seg_{v}_{dataset}"
+        register_model(ModelSpec(name, "segmentation", v, SEG_NUM_CLASSES[dataset], dataset), _build_segmenter)
+    # Paper-v1 designs of the B family: efficientvit_v1_b1, efficientvit_backbone_v1_b1, efficientvit_seg_v1_b1_ade20k.
+    for v in B_BACKBONES:
+        register_model(ModelSpec(f"efficientvit_backbone_v1_{v}", "backbone", v, design="v1"), _build_backbone_model)
+        register_model(ModelSpec(f"efficientvit_v1_{v}", "classification", v, 1000, design="v1"), _build_classifier)
+    for v, dataset in SEG_HEADS:
+        if v in B_BACKBONES:
+            name = f"efficientvit_seg_v1_{v}_{dataset}"
+            register_model(ModelSpec(name, "segmentation", v, SEG_NUM_CLASSES[dataset], dataset, design="v1"),
+                           _build_segmenter)
+
+
+_register_official_models()
 
 
 def create_model(
@@ -179,42 +242,21 @@ def create_model(
     spec = get_model_spec(name)
     if numerics not in ("official", "timm"):
         raise ValueError(f"numerics must be 'official' or 'timm', got {numerics!r}")
-    timm = numerics == "timm"
     design = spec.design if block_design is None else block_design
     if design not in BLOCK_DESIGNS:
         raise ValueError(f"block_design must be one of {BLOCK_DESIGNS}, got {block_design!r}")
     if design == "v1" and spec.family != "b":
         raise ValueError(f"block_design='v1' exists only for the B family (b0..b3), not {spec.name}")
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
+    timm = numerics == "timm"
     attention = attention_spec_string(attention, attention_options, None if scales is None else tuple(scales))
-    if timm and spec.task == "segmentation":
-        raise ValueError("timm has no EfficientViT segmentation models; use numerics='official'")
-    cfg = LayerConfig(dtype=dtype, param_dtype=param_dtype, bn_eps=bn_eps or FAMILY_BN_EPS[spec.family],
+    cfg = LayerConfig(dtype=dtype, param_dtype=param_dtype, bn_eps=bn_eps or FAMILY_BN_EPS.get(spec.family, 1e-5),
                       conv_impl=conv_impl, zero_last_gamma=zero_last_gamma)
     attention_kw = dict(
         attention=attention,
         attention_eps=attention_eps if attention_eps is not None else (TIMM_ATTENTION_EPS if timm else OFFICIAL_ATTENTION_EPS),
         quadratic_fallback=(not timm) if quadratic_fallback is None else quadratic_fallback,
     )
-    rates = linear_drop_path_rates(_num_identity_blocks(spec), drop_path_rate, drop_path_skip) if drop_path_rate else ()
-    backbone = _build_backbone(spec.variant, cfg, rates, design, **attention_kw)
-    if spec.task == "backbone":
-        if num_classes is not None:
-            raise ValueError(f"{spec.name} is a backbone and has no classes")
-        return backbone
-    act = FAMILY_ACT[spec.family]
-    n_classes = spec.num_classes if num_classes is None else num_classes
-    if n_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes}")
-    if spec.task == "classification":
-        head = ClsHead(CLS_HEAD_WIDTHS[spec.variant], n_classes, cfg, act=act, dropout=dropout,
-                       in_conv_bn_eps=1e-5 if timm and spec.family == "l" else None)
-        return EfficientViTCls(backbone, head)
-    n_backbone = len(rates) - SEG_HEADS[(spec.variant, spec.dataset)]["head_depth"] if rates else 0
-    if design == "v1":
-        seg = SEG_HEADS[(spec.variant, spec.dataset)]
-        head = FusionSegHead(n_classes, cfg, head_width=seg["head_width"], head_depth=seg["head_depth"],
-                             final_expand=seg["final_expand"], dropout=dropout, drop_path_rates=rates[n_backbone:])
-        return EfficientViTSeg(backbone, head)
-    head = SegHead(n_classes, cfg, act=act, dropout=dropout, drop_path_rates=rates[n_backbone:],
-                   **SEG_HEADS[(spec.variant, spec.dataset)])
-    return EfficientViTSeg(backbone, head)
+    options = BuildOptions(spec, cfg, attention_kw, num_classes, drop_path_rate, drop_path_skip, dropout, design, timm)
+    return _REGISTRY[spec.name][1](options)

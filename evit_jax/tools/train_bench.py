@@ -1,6 +1,6 @@
 """Train-step throughput: evit_jax (jit, AdamW + clip + EMA, as the loop) vs timm (PyTorch).
 
-    python -m evit_jax.train.bench --model efficientvit_b1 --batch 16 --res 224 --compare-timm
+    python -m evit_jax.tools.train_bench --model efficientvit_b1 --batch 16 --res 224 --compare-timm
 
 Random data, one device; float32 or --dtype bfloat16 compute. With a GPU, timm runs on it too.
 Prints images/s; nothing is asserted (not a test).

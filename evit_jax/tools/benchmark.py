@@ -1,10 +1,10 @@
 """Forward-pass benchmark of the EfficientViT models: params, MACs, compile time, images/s, MFU, vs timm.
 
-    python -m evit_jax.benchmark --model efficientvit_b1 --batch 16 --res 224 --compare-timm
-    python -m evit_jax.benchmark --model efficientvit_seg_b0_cityscapes --batch 1 --res 1024x2048
-    python -m evit_jax.benchmark --all          # README table: params and GMACs of every model vs the papers
+    python -m evit_jax.tools.benchmark --model efficientvit_b1 --batch 16 --res 224 --compare-timm
+    python -m evit_jax.tools.benchmark --model efficientvit_seg_b0_cityscapes --batch 1 --res 1024x2048
+    python -m evit_jax.tools.benchmark --all          # README table: params and GMACs of every model vs the papers
 
-MACs are the exact analytic count of evit_jax.flops (convs, linears and attention matmuls, the papers'
+MACs are the exact analytic count of evit_jax.models.flops (convs, linears and attention matmuls, the papers'
 convention); XLA's own estimate (`compiled.cost_analysis()` flops / 2, which also counts elementwise ops)
 is printed beside it. Images/s is the median over `--iters` timed calls of the jitted eval-mode forward
 (`block_until_ready` each call) after warm-up; the batch is split over all local devices. MFU = 2 x MACs x
@@ -12,7 +12,7 @@ images/s / peak. With `--compare-timm` the same-named timm model runs in the sam
 `torch.inference_mode()`, channels_last, same batch/resolution/dtype/thread count, timed in phases that
 alternate with the JAX phases (A B A B) so that both see the same machine load.
 
-`--sweep-resolution ...` hands the command line to evit_jax.cost_sweep (attention cost vs resolution).
+`--sweep-resolution ...` hands the command line to evit_jax.tools.cost_sweep (attention cost vs resolution).
 """
 
 from __future__ import annotations
@@ -29,28 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evit_jax import flops
+from evit_jax.models import flops
 from evit_jax.models import create_model, get_model_spec, list_models
+from evit_jax.tools import chips
 
-# Peak dense matmul throughput in TFLOP/s used for MFU, by device kind substring (lower case) and dtype.
-# CPU: a large float32 matmul measured on the project's 2-core x86 development machine (jax_stack.md);
-# it has no faster bfloat16 matmul, so the same figure is used for bfloat16.
-CPU_PEAK_TFLOPS = 0.38
-ACCELERATOR_PEAK_TFLOPS = {
-    # (device-kind substring, bfloat16 peak, float32 peak); float32 on GPUs is TF32 tensor-core dense.
-    "h200": (989.0, 494.0),
-    "h100": (989.0, 494.0),
-    "a100": (312.0, 156.0),
-    "l4": (121.0, 60.0),
-    "v100": (125.0, 15.7),
-    "tpu v6": (918.0, 918.0),
-    "tpu v5p": (459.0, 459.0),
-    "tpu v5 lite": (197.0, 197.0),
-    "tpu v5e": (197.0, 197.0),
-    "tpu v4": (275.0, 275.0),
-}
-
-# Published figures (official READMEs / efficientvit.md sections 1, 2 and 5): model -> (params M, GMACs, res).
+# Published figures (the READMEs of mit-han-lab/efficientvit applications/efficientvit_{cls,seg}): model -> (params M, GMACs, res).
 PAPER_FIGURES: dict[str, tuple[float | None, float | None, tuple[int, int]]] = {
     "efficientvit_b0": (3.41, 0.10, (224, 224)),
     "efficientvit_b1": (9.10, 0.52, (224, 224)),
@@ -72,7 +55,7 @@ PAPER_FIGURES: dict[str, tuple[float | None, float | None, tuple[int, int]]] = {
     "efficientvit_seg_l2_ade20k": (51.46, 45.0, (512, 512)),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-MAC_METHOD = "analytic count of convs, linears and attention matmuls (evit_jax.flops)"
+MAC_METHOD = "analytic count of convs, linears and attention matmuls (evit_jax.models.flops)"
 
 
 def parse_resolution(text: str | int) -> tuple[int, int]:
@@ -93,14 +76,12 @@ def peak_tflops(device: jax.Device, dtype: str, override: float | None = None) -
     """(peak TFLOP/s, where the number comes from) for MFU; None when the device kind is unknown."""
     if override is not None:
         return override, "--peak-tflops"
-    if device.platform == "cpu":
-        return CPU_PEAK_TFLOPS, "CPU: 380 GFLOP/s float32 matmul measured on the 2-core dev machine (jax_stack.md)"
-    kind = device.device_kind.lower()
-    for key, (bf16, f32) in ACCELERATOR_PEAK_TFLOPS.items():
-        if key in kind:
-            value = bf16 if dtype == "bfloat16" else f32
-            return value, f"{device.device_kind} {dtype} dense peak (datasheet)"
-    return None, f"unknown device kind {device.device_kind!r}: pass --peak-tflops for MFU"
+    chip = chips.chip_for(device.device_kind, device.platform)
+    if chip is None:
+        return None, f"unknown device kind {device.device_kind!r}: pass --peak-tflops for MFU"
+    if chip is chips.CPU:
+        return chip.f32_tflops, "CPU: 380 GFLOP/s float32 matmul measured on the 2-core dev machine"
+    return chip.peak_tflops(dtype), f"{device.device_kind} {dtype} dense peak (datasheet)"
 
 
 @dataclasses.dataclass
@@ -153,7 +134,7 @@ def _timm_forward(name: str, batch: int, height: int, width: int, dtype: str, th
 
     if not timm.is_model(name):
         raise ValueError(f"timm has no model {name!r}")
-    from evit_jax.train.bench import synchronize, torch_device  # noqa: PLC0415
+    from evit_jax.tools.train_bench import synchronize, torch_device  # noqa: PLC0415
 
     torch.set_num_threads(threads)
     device = torch_device()  # the GPU when JAX runs on one: same hardware for both
@@ -254,7 +235,7 @@ def benchmark(
     )
     result["mfu"] = (2 * macs * result["jax_images_per_s"] / (peak_value * 1e12)) if peak_value else None
     if timm_name:
-        from evit_jax.train.bench import torch_device  # noqa: PLC0415
+        from evit_jax.tools.train_bench import torch_device  # noqa: PLC0415
 
         result.update(timm_model=timm_name, timm_threads=threads, timm_device=torch_device(),
                       timm_images_per_s=batch / timings["timm"].median,
@@ -312,7 +293,7 @@ def _gmacs_str(g: float) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m evit_jax.benchmark", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m evit_jax.tools.benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="efficientvit_b1", help="model name (see evit_jax.models.list_models())")
     p.add_argument("--batch", type=int, default=16, help="global batch, split over the local devices")
     p.add_argument("--res", default="224", help="input size: N or HxW (multiples of 32)")
@@ -329,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> Any:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a.startswith("--sweep-resolution") for a in argv):
-        from evit_jax import cost_sweep  # noqa: PLC0415 - a separate tool sharing this entry point
+        from evit_jax.tools import cost_sweep  # noqa: PLC0415 - a separate tool sharing this entry point
 
         return cost_sweep.main(argv)
     args = build_parser().parse_args(argv)

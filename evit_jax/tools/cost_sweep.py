@@ -1,9 +1,9 @@
 """Cost versus resolution of the attention variants: forward latency and peak memory per input size.
 
-    python -m evit_jax.cost_sweep --sweep-resolution 224,512,1024,2048 --attention relu_linear,softmax \
+    python -m evit_jax.tools.cost_sweep --sweep-resolution 224,512,1024,2048 --attention relu_linear,softmax \
         --target block --out-dir /tmp/cost
 
-(`python -m evit_jax.benchmark --sweep-resolution ... --attention ...` calls the same `main`.)
+(`python -m evit_jax.tools.benchmark --sweep-resolution ... --attention ...` calls the same `main`.)
 
 Targets
 -------
@@ -45,8 +45,9 @@ import numpy as np
 
 from evit_jax.models import create_model, get_model_spec
 from evit_jax.models.attention import EfficientViTBlock
-from evit_jax.models.attention_kernels import parse_attention
+from evit_jax.models.attention_kernels import parse_attention, split_attention_specs
 from evit_jax.models.layers import LayerConfig
+from evit_jax.models.random_weights import random_variables
 
 B1_STAGE4 = dict(width=256, dim=16, expand_ratio=4, scales=(5,), act="hswish")
 OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM", "Allocation")
@@ -64,21 +65,6 @@ class CostRow:
     peak_memory_mb: float = float("nan")
     gflops: float = float("nan")
     note: str = ""
-
-
-def split_specs(text: str) -> list[str]:
-    """'relu_linear,focused(power=2, value_dwc=0)' -> ['relu_linear', 'focused(power=2, value_dwc=0)']:
-    commas inside parentheses belong to a spec."""
-    parts, depth, current = [], 0, []
-    for ch in text:
-        depth += (ch == "(") - (ch == ")")
-        if ch == "," and depth == 0:
-            parts.append("".join(current).strip())
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current).strip())
-    return [p for p in parts if p]
 
 
 def parse_resolutions(text: str) -> list[int]:
@@ -100,21 +86,6 @@ def available_memory_bytes() -> int:
     except OSError:
         pass
     return 8 << 30
-
-
-def random_variables(module, example: jax.ShapeDtypeStruct, seed: int = 0) -> Any:
-    """Variables of `module` for `example` without running its initialiser (fast, any size)."""
-    abstract = jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x, train=False), example)
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            return jnp.zeros(leaf.shape, leaf.dtype)
-        if "var" in jax.tree_util.keystr(path):
-            return jnp.ones(leaf.shape, leaf.dtype)
-        return jnp.asarray(0.02 * rng.standard_normal(leaf.shape), leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 def build_target(target: str, attention: str, resolution: int, *, model_name: str, batch: int, dtype: Any,
@@ -165,7 +136,7 @@ def measure_point(variant: str, target: str, resolution: int, *, model_name: str
     row = CostRow(variant, target, resolution, tokens, "ok")
     limit = available_memory_bytes() // 2 if memory_limit_bytes is None else memory_limit_bytes
     try:
-        variables = random_variables(module, spec)
+        variables = random_variables(module, spec.shape, dtype=spec.dtype)
         forward = jax.jit(lambda v, x: module.apply(v, x, train=False))
         compiled = forward.lower(variables, spec).compile()
         memory = _memory_bytes(compiled)
@@ -255,7 +226,7 @@ def plot(rows: Sequence[CostRow], path: str, title: str, slopes: dict[str, dict[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m evit_jax.cost_sweep", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m evit_jax.tools.cost_sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--sweep-resolution", default="224,512,1024,2048", help="comma-separated input sizes (px)")
     p.add_argument("--attention", default="relu_linear,softmax",
                    help="comma-separated attention specs, e.g. 'relu_linear,softmax,focused(power=2)'")
@@ -289,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """CLI entry: validates every argument first, then sweeps, writes CSV + PNG, prints slopes."""
     args = build_parser().parse_args(argv)
     resolutions = parse_resolutions(args.sweep_resolution)
-    variants = split_specs(args.attention)
+    variants = split_attention_specs(args.attention)
     if not variants:
         raise ValueError("--attention needs at least one attention spec, e.g. relu_linear,softmax")
     for v in variants:
