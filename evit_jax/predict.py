@@ -143,7 +143,7 @@ def predict_segmentation(model, variables, image: np.ndarray, short_side: int) -
     import jax.numpy as jnp
 
     from evit_jax.data import seg_transforms
-    from evit_jax.tasks.classification import normalize_images
+    from evit_jax.data.transforms import normalize_images
     from evit_jax.tasks.segmentation import upsampled_argmax
 
     h, w = image.shape[:2]
@@ -163,7 +163,7 @@ def predict_classification(model, variables, image: np.ndarray, image_size: int,
     import jax
 
     from evit_jax.data import transforms
-    from evit_jax.tasks.classification import normalize_images
+    from evit_jax.data.transforms import normalize_images
 
     x = transforms.resize_center_crop(image, image_size, crop_ratio)
     logits = jax.jit(lambda v, x: model.apply(v, normalize_images(x), train=False))(variables, x[None])

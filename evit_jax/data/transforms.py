@@ -43,6 +43,19 @@ RANDOM_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "la
 
 Size = int | tuple[int, int]
 
+# ImageNet statistics on 0..255 pixels (every EfficientViT model is trained with them).
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
+
+
+def normalize_images(images):
+    """uint8 NHWC -> float32 ``(x - mean) / std`` with the ImageNet statistics.
+
+    Written with array methods only, so the same function normalises numpy arrays on the host and
+    jax arrays inside jit (the tasks' device-side preprocessing) without this package importing jax.
+    """
+    return (images.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD
+
 
 def _hw(size: Size) -> tuple[int, int]:
     return (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))

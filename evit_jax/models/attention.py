@@ -18,14 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from evit_jax.models.attention_kernels import (  # noqa: F401  (re-exported: the historical home of these)
-    ATTENTION_KERNELS,
-    AttentionFn,
-    get_attention_kernel,
-    parse_attention,
-    relu_linear_attention,
-    relu_quadratic_attention,
-)
+from evit_jax.models.attention_kernels import parse_attention, relu_quadratic_attention
 from evit_jax.models.layers import Conv2d, ConvLayer, LayerConfig, MBConv, make_residual
 
 

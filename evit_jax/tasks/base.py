@@ -10,8 +10,13 @@ Two kinds of methods
 --------------------
 *Host side* (plain Python, called once or per batch outside jit):
 
-* :meth:`Task.check` - validate the config against the data and model (dataset present,
-  model name known, ...) and raise ONE clear ValueError/FileNotFoundError before any work.
+* :meth:`Task.check_config` - validate the config alone (its keys: exactly the common keys plus the
+  task's section of `evit_jax/tasks/config.py`; model name known and of this task; sizes...) and
+  raise ONE clear ValueError; no I/O, so the loop runs it before anything else (with the checks of
+  the batch size against the devices) - a mistake is reported in a second, before any dataset is
+  built or read.
+* :meth:`Task.check_data` - the checks that need the dataset (present, has the splits, matches the
+  model): ONE clear ValueError/FileNotFoundError (with the command that prepares a missing one).
 * :meth:`Task.create_model` - the Flax module.
 * :meth:`Task.train_iterator` / :meth:`Task.eval_iterator` - this process's share of the
   data as batches of numpy arrays (``local_batch_size`` examples each). The train iterator
@@ -55,10 +60,11 @@ import os
 from typing import Any, Hashable, Iterable, Iterator, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from evit_jax.models import get_model_spec
+from evit_jax.models import create_model, get_model_spec, list_models
 
 Batch = Mapping[str, Any]
 Resolution = tuple[int, int]
@@ -74,9 +80,15 @@ class Task(abc.ABC):
         self.config = config
 
     # ------------------------------------------------------------------ host side
+    def check_config(self) -> None:
+        """Raise one clear ValueError if the config alone cannot run (no I/O)."""
+        from evit_jax.tasks.config import check_keys
+
+        check_keys(self.config)
+
     @abc.abstractmethod
-    def check(self) -> None:
-        """Raise one clear error if the config cannot run (missing dataset, wrong model...)."""
+    def check_data(self) -> None:
+        """Raise one clear error if the dataset cannot serve this config (missing, wrong splits...)."""
 
     @abc.abstractmethod
     def create_model(self) -> nn.Module:
@@ -209,3 +221,34 @@ class DatasetTask(Task):
     @property
     def model_name(self) -> str:
         return get_model_spec(self.config.model.name).name
+
+    def check_config(self) -> None:
+        super().check_config()
+        spec = get_model_spec(self.config.model.name)  # ValueError (with close matches) on an unknown name
+        if spec.task != self.name:
+            raise ValueError(f"model {spec.name!r} is a {spec.task} model; the {self.name} task needs one of "
+                             f"{', '.join(list_models(self.name))}.")
+
+    def check_data(self) -> None:
+        """The dataset exists (FileNotFoundError with the command that prepares it), is of this task
+        and has the configured splits."""
+        info = self.info
+        if info.task != self.name:
+            raise ValueError(f"dataset {info.name!r} is a {info.task} dataset, not {self.name}.")
+        for split in (self.config.data.train_split, self.config.data.eval_split):
+            if split.split("[")[0] not in info.split_sizes:
+                raise ValueError(f"dataset {info.name!r} has no split {split!r}; splits: {sorted(info.split_sizes)}.")
+
+    def create_model(self) -> nn.Module:
+        """The zoo model of config.model (compute dtype from config.model.dtype, float32 params)."""
+        m = self.config.model
+        return create_model(m.name, num_classes=self.num_classes, dtype=jnp.dtype(m.dtype),
+                            param_dtype=jnp.float32, attention=m.attention,
+                            drop_path_rate=m.drop_path_rate, drop_path_skip=m.drop_path_skip,
+                            conv_impl=m.conv_impl)
+
+    def num_train_examples(self) -> int:
+        from evit_jax.data import sources
+
+        d = self.config.data
+        return len(sources.get_source(d.name, d.train_split, self.data_dir))

@@ -10,26 +10,16 @@ top-1/top-5 counts for evaluation.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import linen as nn
 
 from evit_jax.data import pipeline, sources, transforms
-from evit_jax.models import create_model, get_model_spec
+from evit_jax.data.transforms import normalize_images
 from evit_jax.tasks.base import DatasetTask
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
-
-
-def normalize_images(images: jax.Array) -> jax.Array:
-    """uint8 NHWC -> float32, ImageNet mean/std on 0..255 pixels."""
-    return (images.astype(jnp.float32) - IMAGENET_MEAN) / IMAGENET_STD
-
 
 def smooth_labels(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
     """one-hot * (1 - s) + s / K (the official label_smooth)."""
@@ -107,31 +97,11 @@ class ClassificationTask(DatasetTask):
 
     # ------------------------------------------------------------------ host side
 
-    def check(self) -> None:
-        spec = get_model_spec(self.config.model.name)  # ValueError on an unknown model
-        if spec.task != "classification":
-            raise ValueError(f"model {spec.name!r} is a {spec.task} model; the classification task needs "
-                             "efficientvit_{b0..b3,l1..l3}.")
-        info = self.info  # FileNotFoundError (with the prepare command) if the dataset is missing
-        if info.task != "classification":
-            raise ValueError(f"dataset {info.name!r} is a {info.task} dataset, not classification.")
-        for split in (self.config.data.train_split, self.config.data.eval_split):
-            if split.split("[")[0] not in info.split_sizes:
-                raise ValueError(f"dataset {info.name!r} has no split {split!r}; splits: {sorted(info.split_sizes)}.")
+    def check_config(self) -> None:
+        super().check_config()
         for size in list(self.config.data.image_sizes) + [self.config.data.eval_image_size]:
             if int(size) % 32:
                 raise ValueError(f"image size {size} is not a multiple of 32 (EfficientViT downsamples by 32).")
-
-    def create_model(self) -> nn.Module:
-        m = self.config.model
-        return create_model(m.name, num_classes=self.num_classes, dtype=jnp.dtype(m.dtype),
-                            param_dtype=jnp.float32, attention=m.attention,
-                            drop_path_rate=m.drop_path_rate, drop_path_skip=m.drop_path_skip,
-                            conv_impl=m.conv_impl)
-
-    def num_train_examples(self) -> int:
-        d = self.config.data
-        return len(sources.get_source(d.name, d.train_split, self.data_dir))
 
     def train_resolutions(self):
         return [(int(s), int(s)) for s in self.config.data.image_sizes]

@@ -28,7 +28,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from evit_jax.tasks import Task, get_task
+from evit_jax.tasks import get_task
+from evit_jax.tasks.base import Task
 from evit_jax.train import checkpoint as ckpt_lib
 from evit_jax.train import mesh as mesh_lib
 from evit_jax.train import metrics_log
@@ -280,12 +281,15 @@ def setup_experiment(config, devices=None) -> Experiment:
     ``devices`` defaults to all devices of all processes. Raises one clear error
     (ValueError/FileNotFoundError) for anything that cannot run.
     """
+    # Cheap checks first: the config alone, then against the devices, and only then the dataset
+    # (which may have to be built or read from remote storage).
     _check_config(config)
     task = get_task(config)
-    task.check()
+    task.check_config()
     mesh = mesh_lib.create_mesh(config.sharding.strategy, config.sharding.fsdp_size, devices)
     mesh_lib.check_batch_divisible(config.global_batch_size, mesh, "batch size (global_batch_size)")
     mesh_lib.check_batch_divisible(config.eval_batch_size, mesh, "eval batch size (eval_batch_size)")
+    task.check_data()
     total, warmup = schedule_lengths(config, task.num_train_examples())
     peak_lr = optim.peak_learning_rate(config.optim.base_lr, config.global_batch_size, config.optim.lr_reference_batch)
     schedule = optim.warmup_cosine_schedule(peak_lr, warmup, total)
