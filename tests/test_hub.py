@@ -5,8 +5,9 @@ huggingface_hub's own layout (`models--org--repo/{blobs/<sha256>, refs/main, sna
 the snapshot file a relative symlink to its blob), holding random weights written as the hubs serve them:
 timm's `model.safetensors` (a timm state dict saved by safetensors.torch) and the official `.pt` files
 (`{"state_dict": ...}`). Checked:
-- a name loads bit for bit what the path of the same file loads; the second call reads the converted
-  cache (the converter is made to fail); a second process (predict) reads it too, through HF_HUB_CACHE;
+- a name loads bit for bit what the path of the same file loads (a segmentation run from a classifier's
+  name takes its backbone bit for bit); the second call reads the converted cache (the converter is made
+  to fail); a second process (predict) reads it too, through HF_HUB_CACHE;
 - logits of the loaded B0 equal timm's on the same weights within 1e-5 * max(1, max|timm|)
   (`assert_close_to_torch`, the parity tolerance);
 - a file missing from the offline cache, no network (a closed local port as the Hub), a name without
@@ -227,6 +228,25 @@ def test_train_config_check_accepts_hub_names_without_downloading(hf_cache):
     with pytest.raises(ValueError, match="paper-v1 block design"):
         loop._check_config(config)
     assert not any(hf_cache.iterdir())
+
+
+def test_segmentation_training_takes_the_backbone_of_a_hub_classifier(hf_cache, tmp_path, torch, data_dir):
+    from configs import demo_seg
+    from evit_jax.convert import load_variables
+    from evit_jax.tasks import get_task
+    from evit_jax.train import loop
+
+    data, _ = timm_b0_safetensors(torch, tmp_path)
+    file = put_in_hub_cache(hf_cache, "timm/efficientvit_b0.r224_in1k", "model.safetensors", data)
+    config = demo_seg.get_config("smoke")            # efficientvit_seg_b0_cityscapes
+    config.data.data_dir = data_dir
+    config.init_from = "hub:efficientvit_b0"
+    loop._check_config(config)
+    task = get_task(config)
+    loaded = loop._load_variables(config, task)
+    classifier = load_variables(file, "efficientvit_b0")
+    assert set(loaded["params"]) == {"backbone"} and task.keeps_fresh_init("params/head/x")
+    assert_bit_equal({k: {"backbone": v["backbone"]} for k, v in classifier.items()}, loaded)
 
 
 def test_another_models_file_in_the_cache_is_one_line(hf_cache, tmp_path, torch):
