@@ -5,6 +5,7 @@
 - `synthetic_cls`: the `evit_shapes` classification builder.
 - `transforms`: per-example classification transforms (RandomResizedCrop, flip, eval crop).
 - `pipeline`: grain train/eval iterators (sharded per process, checkpointable).
+- `imagenet_classes`: the ImageNet-1k class names, shipped with the package (WordNet 3.0 lemmas).
 
 Submodules are imported explicitly (`from evit_jax.data import pipeline`) so that
 importing one does not pay for the others (tfds import costs about a second).

@@ -270,9 +270,13 @@ def _check_config(config) -> None:
         raise ValueError(f"config.log_every_steps={config.log_every_steps} must be positive.")
     if config.model.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"config.model.dtype={config.model.dtype!r}; use 'float32' or 'bfloat16'.")
-    if config.init_from and not os.path.exists(os.path.expanduser(config.init_from)):
+    from evit_jax.convert import hub  # train may import convert (layering)
+
+    if config.init_from and hub.is_hub_spec(config.init_from):
+        hub.find_weights(config.init_from)  # a name with published weights (one-line ValueError otherwise)
+    elif config.init_from and not os.path.exists(os.path.expanduser(config.init_from)):
         raise FileNotFoundError(f"init_from={config.init_from!r} does not exist; give a converted "
-                                "checkpoint (.pt/.pth/.safetensors) or an Orbax variables directory.")
+                                "checkpoint (.pt/.pth/.safetensors), an Orbax variables directory or hub:NAME.")
 
 
 def setup_experiment(config, devices=None) -> Experiment:
@@ -309,7 +313,9 @@ def setup_experiment(config, devices=None) -> Experiment:
 
 def _load_variables(config, task: Task) -> dict:
     """Converted weights for ``init_from``, as the task reads them (Task.load_init_variables)."""
-    return task.load_init_variables(os.path.expanduser(config.init_from), use_ema=bool(config.init_use_ema))
+    from evit_jax.convert import resolve_checkpoint  # hub:NAME -> downloaded and converted once
+
+    return task.load_init_variables(resolve_checkpoint(config.init_from), use_ema=bool(config.init_use_ema))
 
 
 # ---------------------------------------------------------------------------- evaluation
