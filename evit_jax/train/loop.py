@@ -12,6 +12,10 @@ Order of business in :func:`train_and_evaluate`:
    memory) and the eval step;
 5. loop: next local batch -> global array -> compiled step; log, checkpoint, evaluate, stop
    cleanly on SIGTERM; final checkpoint, final evaluation, summary line.
+
+A workdir whose latest checkpoint is the last step does not train: after 1-2 it reports the
+final evaluation logged in metrics.jsonl or, if the run stopped before logging it, restores the
+checkpoint and runs only that evaluation; the train step is never compiled.
 """
 
 from __future__ import annotations
