@@ -169,6 +169,8 @@ def _explain_sequence_overrides(argv: list[str], parsed: ConfigDict) -> str | No
             continue
         expected = type(default[0])
         _, value = _config_value(parsed, match.group(1))
+        if not isinstance(value, (list, tuple)):
+            continue
         numeric = expected is float and all(isinstance(v, (int, float)) for v in value)
         if not numeric and not all(isinstance(v, expected) for v in value):
             return (f"--config.{match.group(1)}={match.group(2)}: expected a sequence of {expected.__name__} "
