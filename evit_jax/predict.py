@@ -26,7 +26,7 @@ for a 1000-class model (``evit_jax.data.imagenet_classes``); indices when none a
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import math
 import os
 import sys
@@ -151,37 +151,51 @@ def class_names_for(spec, num_classes: int, run_config: dict) -> list[str] | Non
 
 
 # ---------------------------------------------------------------------------- predict
-def predict_segmentation(model, variables, image: np.ndarray, short_side: int) -> np.ndarray:
-    """uint8 (H, W, 3) -> int32 (H, W) class ids at the input's size."""
+# One jitted forward per model (Flax modules hash and compare by their fields), kept for the
+# process: every image of a folder reuses it, and XLA compiles once per input shape.
+@functools.lru_cache(maxsize=8)
+def _segmentation_forward(model):
     import jax
     import jax.numpy as jnp
 
-    from evit_jax.data import seg_transforms
     from evit_jax.data.transforms import normalize_images
     from evit_jax.tasks.segmentation import upsampled_argmax
 
-    h, w = image.shape[:2]
-    size = seg_input_size(h, w, short_side)
-    resized = seg_transforms.resize_image(image, size, "bicubic")
-
-    @jax.jit
-    def run(variables, x):
+    def segment(variables, x, out_hw):
         logits = model.apply(variables, normalize_images(x), train=False)
-        return upsampled_argmax(logits, jnp.array([size], jnp.int32), jnp.array([[h, w]], jnp.int32), (h, w))
+        return upsampled_argmax(logits, jnp.array([x.shape[1:3]], jnp.int32), jnp.array([out_hw], jnp.int32), out_hw)
 
-    return np.asarray(run(variables, resized[None]))[0]
+    return jax.jit(segment, static_argnums=2)
+
+
+@functools.lru_cache(maxsize=8)
+def _classification_forward(model):
+    import jax
+
+    from evit_jax.data.transforms import normalize_images
+
+    def classify(variables, x):
+        logits = model.apply(variables, normalize_images(x), train=False)
+        return jax.nn.softmax(logits.astype("float32"), axis=-1)
+
+    return jax.jit(classify)
+
+
+def predict_segmentation(model, variables, image: np.ndarray, short_side: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> int32 (H, W) class ids at the input's size."""
+    from evit_jax.data import seg_transforms
+
+    h, w = image.shape[:2]
+    resized = seg_transforms.resize_image(image, seg_input_size(h, w, short_side), "bicubic")
+    return np.asarray(_segmentation_forward(model)(variables, resized[None], (h, w)))[0]
 
 
 def predict_classification(model, variables, image: np.ndarray, image_size: int, crop_ratio: float) -> np.ndarray:
     """uint8 (H, W, 3) -> float32 (num_classes,) softmax probabilities."""
-    import jax
-
     from evit_jax.data import transforms
-    from evit_jax.data.transforms import normalize_images
 
     x = transforms.resize_center_crop(image, image_size, crop_ratio)
-    logits = jax.jit(lambda v, x: model.apply(v, normalize_images(x), train=False))(variables, x[None])
-    return np.asarray(jax.nn.softmax(logits[0].astype("float32")))
+    return np.asarray(_classification_forward(model)(variables, x[None]))[0]
 
 
 def colour_mask(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:

@@ -33,7 +33,8 @@ Two kinds of methods
   eval key a numpy batch has (selects the executable). The eval iterator may change shapes
   from batch to batch (segmentation evaluates every image at its own size) but must yield
   the same shapes at the same batch index on every process.
-* :meth:`Task.finalize_eval` - turn the summed statistics of a whole evaluation into metrics.
+* :meth:`Task.finalize_eval` - turn the summed statistics (and the per-example records, if
+  the task has any) of a whole evaluation into metrics.
 
 *Device side* (traced inside ``jax.jit`` on GLOBAL, batch-sharded ``jax.Array`` s; they must
 be pure jnp code, with no Python control flow on values):
@@ -46,8 +47,19 @@ be pure jnp code, with no Python control flow on values):
   averaged over the global batch (train batches are never padded).
 * :meth:`Task.eval_statistics` - ``(outputs, targets, mask) -> {name: array}`` of per-batch
   SUMMABLE statistics (counts, sums, per-class histograms...) that ignore padded examples
-  (``mask == 0``). Summing them over batches (the loop does it on the host in float64/int64)
-  gives exact global statistics across devices and hosts; use integer dtypes for counts.
+  (``mask == 0``). Summing them over batches gives exact global statistics across devices
+  and hosts: the loop sums on the device, integers exactly and floats with compensated
+  summation (`evit_jax/train/exact_sum.py`), and hands ``finalize_eval`` int64/float64 sums;
+  use integer dtypes for counts.
+* :meth:`Task.eval_records` (optional) - ``(outputs, targets, batch) -> {name: array}`` of
+  PER-EXAMPLE outputs (leading axis = the global batch) for evaluations that are not sums of
+  statistics, e.g. object detection, whose COCO evaluation needs every detection. It is traced
+  in the same eval step; the loop copies the records of every batch to the host while the next
+  batch runs, keeps the real examples only (``mask == 1``), concatenates them over the split in
+  the order of the eval batches, on every process, and passes them to ``finalize_eval``. That
+  order is the split's order for one-shape eval iterators (``pipeline.make_eval_iterator``);
+  bucketed iterators order by bucket, so a task that matches records to examples records an id
+  taken from the batch. Default: no records (nothing is fetched per batch).
 
 Model contract: ``outputs = model.apply(variables, inputs, train=..., ...)`` is whatever the
 task's model returns (logits for classification, stride-8 logits for segmentation).
@@ -170,8 +182,11 @@ class Task(abc.ABC):
         return False
 
     @abc.abstractmethod
-    def finalize_eval(self, sums: Mapping[str, np.ndarray]) -> dict[str, float]:
-        """Metrics from statistics summed over the whole eval set."""
+    def finalize_eval(self, sums: Mapping[str, np.ndarray],
+                      records: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Metrics from the statistics summed over the whole eval set (:meth:`eval_statistics`,
+        as int64/float64) and the per-example records of its real examples (:meth:`eval_records`,
+        concatenated over the split; empty for a task without records)."""
 
     # ------------------------------------------------------------------ device side
     @abc.abstractmethod
@@ -189,6 +204,12 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def eval_statistics(self, outputs: Any, targets: Any, mask: jax.Array) -> dict[str, jax.Array]:
         """Per-batch summable statistics ignoring padded examples; runs inside jit."""
+
+    def eval_records(self, outputs: Any, targets: Any, batch: Batch) -> dict[str, jax.Array] | None:
+        """Per-example eval outputs ``{name: array}`` whose leading axis is the global batch
+        (padding included: the loop drops it), for :meth:`finalize_eval`; runs inside jit.
+        Default None: the task's evaluation is a sum of :meth:`eval_statistics`."""
+        return None
 
 
 class DatasetTask(Task):

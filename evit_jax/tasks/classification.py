@@ -146,7 +146,10 @@ class ClassificationTask(DatasetTask):
         # The final LinearLayer of ClsHead (official `head.op_list.3.linear`).
         return path.startswith("head/op_list_3/")
 
-    def finalize_eval(self, sums: Mapping[str, np.ndarray]) -> dict[str, float]:
+    def finalize_eval(self, sums: Mapping[str, np.ndarray],
+                      records: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+        """Top-1/top-5 accuracy (%), mean loss and example count from the summed counts; the
+        task has no per-example records (``records`` is ignored)."""
         n = max(float(sums["count"]), 1.0)
         return {"top1": 100.0 * float(sums["top1_correct"]) / n,
                 "top5": 100.0 * float(sums["top5_correct"]) / n,

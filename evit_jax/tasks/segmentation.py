@@ -316,10 +316,11 @@ class SegmentationTask(DatasetTask):
         ``path`` is "params/head/..." or "batch_stats/head/..."."""
         return getattr(self, "_backbone_only", False) and path.split("/", 1)[-1].startswith("head/")
 
-    def finalize_eval(self, sums: Mapping[str, np.ndarray]) -> dict[str, float]:
+    def finalize_eval(self, sums: Mapping[str, np.ndarray],
+                      records: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
         """mIoU (fraction in [0, 1], official definition), pixel and mean accuracy, and the
         IoU of every class as ``iou/<name>`` (NaN for a class absent from the whole split);
-        logs the per-class table."""
+        logs the per-class table. The task has no per-example records (``records`` is ignored)."""
         stats = {k: np.asarray(sums[k]) for k in seg_metrics.STAT_KEYS}
         names = self.class_names
         table = seg_metrics.format_iou_table(stats, names)
