@@ -185,18 +185,22 @@ def test_bucketed_eval_batches_agree_across_processes(process_count):
 
 
 def test_worker_processes_give_the_same_batches(tmp_path):
+    """The full official train transform (RandomResizedCrop, flip, RandAugment, erasing box)
+    gives the same batches in-process and in 2 grain workers (per-example Generators)."""
     source = sources.get_source("evit_shapes/tiny", "train", str(tmp_path))
+    full = transforms.ClassificationTrainTransform(randaugment=(2, 9), erasing_prob=0.5)
     kwargs = dict(global_batch_size=8, image_sizes=[16, 24], seed=0, process_index=0,
                   process_count=1)
-    expected = _take(pipeline.make_train_iterator(source, TRAIN, **kwargs), 4)
-    iterator = pipeline.make_train_iterator(source, TRAIN, worker_count=2, **kwargs)
+    expected = _take(pipeline.make_train_iterator(source, full, **kwargs), 4)
+    iterator = pipeline.make_train_iterator(source, full, worker_count=2, **kwargs)
     try:
         got = _take(iterator, 4)
     finally:
         iterator.close()
+    assert sorted(expected[0]) == ["erase_box", "image", "label"]
     for want, have in zip(expected, got):
-        np.testing.assert_array_equal(want["image"], have["image"])
-        np.testing.assert_array_equal(want["label"], have["label"])
+        for key in want:
+            np.testing.assert_array_equal(want[key], have[key])
 
 
 _GLOBAL_EVAL_SCRIPT = textwrap.dedent("""

@@ -1,11 +1,12 @@
 """Image classification (ImageNet recipe of EfficientViT; the built-in ``evit_shapes`` demo).
 
 Host side: grain pipelines from ``evit_jax.data`` (RandomResizedCrop + flip at a per-batch
-resolution for training; resize + centre crop for evaluation), images stay uint8.
-Device side: normalisation, label smoothing, mixup/cutmix (exactly one per step, chosen with
-equal probability, lambda ~ Beta(alpha, alpha) shared by the batch as in the official
-recipe), BCE-with-logits (official ``bce: true``) or softmax cross-entropy, and exact
-top-1/top-5 counts for evaluation.
+resolution, optional RandAugment and random-erasing boxes for training; resize + centre crop
+for evaluation), images stay uint8.
+Device side: normalisation, random erasing of the host's boxes, label smoothing, mixup/cutmix
+(exactly one per step, chosen with equal probability, lambda ~ Beta(alpha, alpha) shared by
+the batch as in the official recipe), BCE-with-logits (official ``bce: true``) or softmax
+cross-entropy, and exact top-1/top-5 counts for evaluation.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from evit_jax.data import pipeline, sources, transforms
+from evit_jax.data import pipeline, random_erasing, sources, transforms
 from evit_jax.models import create_model, get_model_spec
 from evit_jax.tasks.base import DatasetTask
 
@@ -29,6 +30,18 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
 def normalize_images(images: jax.Array) -> jax.Array:
     """uint8 NHWC -> float32, ImageNet mean/std on 0..255 pixels."""
     return (images.astype(jnp.float32) - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def erase_boxes(images: jax.Array, boxes: jax.Array) -> jax.Array:
+    """Sets box ``boxes[i]`` = [top, left, height, width] (int, (N, 4)) of normalised NHWC image i
+    to 0: timm's RandomErasing in its default ``const`` mode, on the boxes the host drew
+    (``evit_jax.data.random_erasing``; a 0-size box leaves the image untouched)."""
+    _, h, w, _ = images.shape
+    top, left, height, width = (boxes[:, k, None, None] for k in range(4))
+    ys = jnp.arange(h)[None, :, None]
+    xs = jnp.arange(w)[None, None, :]
+    inside = (ys >= top) & (ys < top + height) & (xs >= left) & (xs < left + width)
+    return jnp.where(inside[..., None], jnp.zeros((), images.dtype), images)
 
 
 def smooth_labels(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
@@ -143,9 +156,11 @@ class ClassificationTask(DatasetTask):
     def train_iterator(self, seed: int, local_batch_size: int):
         d = self.config.data
         source = sources.get_source(d.name, d.train_split, self.data_dir)
+        randaugment = d.get("randaugment")
         transform = transforms.ClassificationTrainTransform(
             scale=(float(d.rrc_scale_min), 1.0), flip_probability=0.5 if d.hflip else 0.0,
-            image_key=self.info.image_key, label_key=self.info.label_key)
+            randaugment=None if not randaugment else tuple(randaugment),
+            erasing_prob=self._erasing_prob(), image_key=self.info.image_key, label_key=self.info.label_key)
         return pipeline.make_train_iterator(
             source, transform, global_batch_size=local_batch_size * jax.process_count(),
             image_sizes=list(d.image_sizes), seed=seed, process_index=jax.process_index(),
@@ -162,13 +177,21 @@ class ClassificationTask(DatasetTask):
             process_index=jax.process_index(), process_count=jax.process_count(),
             worker_count=d.num_workers)
 
+    def _erasing_prob(self) -> float:
+        # Optional config key (data.erasing_prob): the official L recipes use 0.2.
+        return float(self.config.data.get("erasing_prob", 0.0) or 0.0)
+
     def train_batch_spec(self, global_batch_size, resolution):
         h, w = resolution
-        return {"image": jax.ShapeDtypeStruct((global_batch_size, h, w, 3), jnp.uint8),
+        spec = {"image": jax.ShapeDtypeStruct((global_batch_size, h, w, 3), jnp.uint8),
                 "label": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32)}
+        if self._erasing_prob() > 0:
+            spec[random_erasing.ERASE_BOX_KEY] = jax.ShapeDtypeStruct((global_batch_size, 4), jnp.int32)
+        return spec
 
     def eval_batch_spec(self, global_batch_size, key):
         spec = self.train_batch_spec(global_batch_size, key)  # key: the eval resolution
+        spec.pop(random_erasing.ERASE_BOX_KEY, None)
         spec["mask"] = jax.ShapeDtypeStruct((global_batch_size,), jnp.int32)
         return spec
 
@@ -186,6 +209,8 @@ class ClassificationTask(DatasetTask):
     # ------------------------------------------------------------------ device side
     def preprocess_train(self, batch, rng):
         images = normalize_images(batch["image"])
+        if random_erasing.ERASE_BOX_KEY in batch:  # before mixing, as timm erases each sample
+            images = erase_boxes(images, batch[random_erasing.ERASE_BOX_KEY])
         targets = smooth_labels(batch["label"], self.num_classes, self.config.loss.label_smoothing)
         images, targets = mix_batch(images, targets, rng, mixup_alpha=float(self.config.mix.mixup_alpha),
                                     cutmix_alpha=float(self.config.mix.cutmix_alpha))
