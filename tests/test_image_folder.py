@@ -4,7 +4,6 @@ import io
 import os
 
 import numpy as np
-import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 

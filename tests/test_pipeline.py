@@ -263,3 +263,24 @@ def test_benchmark_command_runs(tmp_path, capsys):
     assert len(lines) == 2 and "@24px" in lines[1] and "CPU-ms/image" in lines[0]
     with pytest.raises(SystemExit):
         pipeline_bench.main([])  # --data_dir is required.
+
+
+def test_benchmark_recipe_on_a_jpeg_folder_against_timm(tmp_path, capsys):
+    """The --jpeg_folder path: generates ImageNet-like JPEGs, prepares them with image_folder,
+    runs the official recipe through grain and timm's DataLoader on the same files, breakdown too."""
+    pytest.importorskip("timm")
+    from evit_jax.tools import pipeline_bench
+
+    argv = ["--jpeg_folder", str(tmp_path / "jpegs"), "--num_images", "20", "--data_dir", str(tmp_path / "data"),
+            "--workers", "0", "--batch_size", "8", "--num_batches", "2", "--repeats", "1", "--image_size", "64",
+            "--compare-timm", "--breakdown", "--recipe", "randaug=2,5", "--recipe", "erasing=0.2"]
+    pipeline_bench.main(argv)
+    out = capsys.readouterr().out
+    assert "wrote 40 JPEGs" in out and "RandAugment (2, 5.0), erasing 0.2" in out
+    assert "evit_jax RandAugment" in out and "timm     RandAugment" in out
+    medians = [line for line in out.splitlines() if line.startswith("median")]
+    assert len(medians) == 2 and "evit_jax" in medians[0] and "timm" in medians[1]
+    pipeline_bench.main(argv[:-5])   # Second run: the folder and the dataset are reused.
+    assert "wrote" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        pipeline_bench.main(argv[:6] + ["--recipe", "mixup=1"])

@@ -106,10 +106,6 @@ def _affine(image: Image.Image, matrix: tuple, fill: tuple[int, ...], resample: 
     return image.transform(image.size, Image.AFFINE, matrix, resample=resample, fillcolor=fill)
 
 
-def _enhancer(kind: type) -> Callable[[Image.Image, float], Image.Image]:
-    return lambda image, factor: kind(image).enhance(factor)
-
-
 # name -> fn(image, argument, fill, resample); the argument comes from `op_argument`.
 _APPLY: dict[str, Callable[..., Image.Image]] = {
     "AutoContrast": lambda im, a, fill, rs: ImageOps.autocontrast(im),
@@ -119,10 +115,10 @@ _APPLY: dict[str, Callable[..., Image.Image]] = {
     "PosterizeIncreasing": lambda im, a, fill, rs: _posterize(im, a),
     "SolarizeIncreasing": lambda im, a, fill, rs: ImageOps.solarize(im, a),
     "SolarizeAdd": lambda im, a, fill, rs: _solarize_add(im, a),
-    "ColorIncreasing": lambda im, a, fill, rs: _enhancer(ImageEnhance.Color)(im, a),
-    "ContrastIncreasing": lambda im, a, fill, rs: _enhancer(ImageEnhance.Contrast)(im, a),
-    "BrightnessIncreasing": lambda im, a, fill, rs: _enhancer(ImageEnhance.Brightness)(im, a),
-    "SharpnessIncreasing": lambda im, a, fill, rs: _enhancer(ImageEnhance.Sharpness)(im, a),
+    "ColorIncreasing": lambda im, a, fill, rs: ImageEnhance.Color(im).enhance(a),
+    "ContrastIncreasing": lambda im, a, fill, rs: ImageEnhance.Contrast(im).enhance(a),
+    "BrightnessIncreasing": lambda im, a, fill, rs: ImageEnhance.Brightness(im).enhance(a),
+    "SharpnessIncreasing": lambda im, a, fill, rs: ImageEnhance.Sharpness(im).enhance(a),
     "ShearX": lambda im, a, fill, rs: _affine(im, (1, a, 0, 0, 1, 0), fill, rs),
     "ShearY": lambda im, a, fill, rs: _affine(im, (1, 0, 0, a, 1, 0), fill, rs),
     # The translation is a fraction of the width (x) or height (y) of the image.
