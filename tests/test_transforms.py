@@ -239,3 +239,32 @@ def test_random_erasing_box_statistics():
     np.testing.assert_allclose(quartiles, [-0.602, 0.0, 0.602], atol=0.05)
     # Uniform placement: the free room is split evenly on average.
     assert abs(np.mean(top / np.maximum(height - h, 1)) - 0.5) < 0.02
+
+
+def test_the_classification_task_carries_the_boxes_from_the_pipeline_to_the_device(data_dir):
+    """config.data.randaugment / erasing_prob reach the train transform; the batch spec has the
+    boxes (train only); preprocess_train zeroes exactly the boxes of the normalised images."""
+    import jax
+
+    from configs import common
+    from evit_jax.tasks.classification import ClassificationTask, normalize_images
+
+    config = common.get_base_config()
+    with config.unlocked():
+        config.data.randaugment = (2, 9)
+        config.data.erasing_prob = 1.0
+    config.data.name, config.data.data_dir, config.data.image_sizes = "evit_shapes/tiny", data_dir, [32]
+    task = ClassificationTask(config)
+    batch = next(task.train_iterator(seed=0, local_batch_size=8))
+    assert task.train_batch_spec(8, (32, 32))["erase_box"].shape == (8, 4)
+    assert "erase_box" not in task.eval_batch_spec(8, (32, 32))
+    boxes = batch["erase_box"]
+    assert (boxes[:, 2] * boxes[:, 3] > 0).any()
+    images, _ = jax.jit(task.preprocess_train)(batch, jax.random.key(0))
+    images, expected = np.asarray(images), np.asarray(normalize_images(batch["image"]))
+    for image, want, (top, left, h, w) in zip(images, expected, boxes):
+        inside = np.zeros(image.shape[:2], bool)
+        inside[top:top + h, left:left + w] = True
+        assert (image[inside] == 0).all()
+        # Outside: the normalised pixels (jit may turn the division into a multiplication: 1 ulp).
+        np.testing.assert_allclose(image[~inside], want[~inside], rtol=1e-6, atol=1e-6)
