@@ -209,9 +209,15 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 def check_name_free(name: str, data_dir: str) -> None:
     """ValueError (one line) when ``name`` is not a valid user dataset name or is taken in ``data_dir``."""
     sources.check_user_name(name)
+    try:
+        sources.get_info(name, data_dir, build=False)
+    except FileNotFoundError:
+        return  # Nothing prepared under that name (a failed earlier attempt leaves no version folder).
+    except ValueError:
+        pass    # A tfds dataset of someone else's: taken as well.
     path = os.path.join(os.path.expanduser(data_dir), name)
-    if tfds.core.Path(path).exists():
-        raise ValueError(f"dataset name {name!r} is taken: {path} exists; choose another --name or delete that folder.")
+    raise ValueError(f"dataset name {name!r} is taken: {path} holds a prepared dataset; choose another --name "
+                     "or delete that folder.")
 
 
 def prepare_image_folder(name: str, src: str, data_dir: str, *, val_fraction: float | None = None,
