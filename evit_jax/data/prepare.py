@@ -4,11 +4,15 @@
     python -m evit_jax.data.prepare ade20k --src DIR --data_dir DATA_DIR
     python -m evit_jax.data.prepare evit_seg_shapes --data_dir DATA_DIR [--config tiny]
     python -m evit_jax.data.prepare evit_shapes --data_dir DATA_DIR [--config tiny]
+    python -m evit_jax.data.prepare image_folder --name NAME --src DIR --data_dir DATA_DIR \
+        [--val_fraction 0.1] [--seed 0] [--full_check]
 
 ``--src`` is the folder with the files you downloaded (see docs/segmentation_data.md):
 Cityscapes ``leftImg8bit/`` + ``gtFine/`` or their two zips; ADE20K the
 ``ADEChallengeData2016`` folder, its parent or ``ADEChallengeData2016.zip``. The layout is
 checked before anything is written. The synthetic datasets need no ``--src``.
+``image_folder`` writes your own classification dataset under ``--name`` from a folder of
+class sub-folders (see evit_jax.data.image_folder and docs/data.md).
 """
 
 from __future__ import annotations
@@ -51,10 +55,48 @@ def prepare(name: str, data_dir: str, src: str | None = None, config: str | None
     return cls(**kwargs)  # Re-read so that the split sizes written by the build are visible.
 
 
+def image_folder_main(argv: list[str]) -> int:
+    """``prepare image_folder ...``: a user-named classification dataset from an image folder."""
+    from evit_jax.data import image_folder
+
+    parser = argparse.ArgumentParser(
+        prog="python -m evit_jax.data.prepare image_folder",
+        description="Write a folder of class sub-folders (or train/ and val/ of them) as a "
+                    "classification dataset named --name.")
+    parser.add_argument("--name", required=True, help="dataset name (lowercase, digits, _)")
+    parser.add_argument("--src", required=True, help="DIR/<class>/... or DIR/{train,val}/<class>/...")
+    parser.add_argument("--data_dir", required=True, help="tfds data directory to write into")
+    parser.add_argument("--val_fraction", type=float, default=None,
+                        help="share of each class held out for validation when DIR has no val/ (default 0.1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the stratified validation sample")
+    parser.add_argument("--full_check", action="store_true",
+                        help="decode every image in the first pass (slower; finds truncated files)")
+    args = parser.parse_args(argv)
+    try:
+        builder = image_folder.prepare_image_folder(
+            args.name, args.src, args.data_dir, val_fraction=args.val_fraction, seed=args.seed,
+            full_check=args.full_check, report=lambda line: print(line, file=sys.stderr))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    sizes = ", ".join(f"{split}={info.num_examples}" for split, info in builder.info.splits.items())
+    classes = builder.info.features["label"].num_classes
+    print(f"{args.name}: {classes} classes, {sizes} in {builder.data_dir}")
+    return 0
+
+
+# Subcommands that write a dataset under a name of the user's (their own flags).
+_USER_DATASET_COMMANDS = {"image_folder": image_folder_main}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in _USER_DATASET_COMMANDS:
+        return _USER_DATASET_COMMANDS[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m evit_jax.data.prepare",
-        description="Prepare a dataset as tfds ArrayRecord files (nothing is downloaded).")
+        description="Prepare a dataset as tfds ArrayRecord files (nothing is downloaded). "
+                    f"Your own datasets: {' | '.join(_USER_DATASET_COMMANDS)} --name NAME ... (-h for its flags).")
     parser.add_argument("dataset", choices=sources.manual_datasets() + sources.generated_datasets())
     parser.add_argument("--src", default=None,
                         help="folder with the manually downloaded files (cityscapes, ade20k)")

@@ -84,6 +84,8 @@ def _classification(c: ml_collections.ConfigDict) -> None:
     c.data.eval_image_size = 224
     c.data.eval_crop_ratio = 1.0       # resize short side to ceil(size / ratio), centre crop size
     c.data.rrc_scale_min = 0.08        # RandomResizedCrop lower area bound
+    c.data.randaugment = ()            # (n, m): timm's rand-n{n}-m{m}-mstd1.0-inc1 (evit_jax/data/randaugment.py); (): off
+    c.data.erasing_prob = 0.0          # random erasing probability (timm's defaults, const mode); 0: off
 
     c.loss = ml_collections.ConfigDict()
     c.loss.bce = True                  # BCE-with-logits on smoothed targets (official); False: softmax CE
