@@ -260,3 +260,6 @@ def create_model(
     )
     options = BuildOptions(spec, cfg, attention_kw, num_classes, drop_path_rate, drop_path_skip, dropout, design, timm)
     return _REGISTRY[spec.name][1](options)
+
+# Detection models register themselves (evit_jax/models/det.py imports this module's builders).
+import evit_jax.models.det  # noqa: E402,F401
