@@ -12,7 +12,8 @@ Output: raw per-point predictions of every level, flattened row-major per level 
 order, (B, N, 4 + 1 + C) float32 = (x offset, y offset, log w, log h, objectness logit, class logits): the
 layout of YOLOX's training outputs. `detection_grid` gives the matching (N, 3) grid (x, y, stride) and
 `decode_boxes` turns predictions into (cx, cy, w, h) pixel boxes: xy = (offset + grid) * stride,
-wh = exp(log wh) * stride.
+wh = exp(log wh) * stride. The box geometry the loss and the post-processing share (format conversions, IoUs)
+lives here too.
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ class EfficientViTDet(nn.Module):
         return self.head(levels, train).astype(jnp.float32)
 
 
-# ---------------------------------------------------------------------------- grid and decoding
+# ---------------------------------------------------------------------------- grid, decoding, box geometry
 def detection_grid(height: int, width: int, strides: Sequence[int] = DET_STRIDES) -> np.ndarray:
     """(N, 3) float32 rows (x, y, stride) of every prediction point of a height x width input, in the
     model's output order (levels by stride, each row-major). Static: a numpy constant under jit."""
@@ -224,6 +225,29 @@ def cxcywh_to_xyxy(boxes: jax.Array) -> jax.Array:
     """(..., 4) (cx, cy, w, h) -> corners (x1, y1, x2, y2), as YOLOX's post-processing computes them."""
     c, half = boxes[..., :2], boxes[..., 2:4] / 2
     return jnp.concatenate([c - half, c + half], -1)
+
+
+def box_iou_cxcywh(a: jax.Array, b: jax.Array, eps: float = 0.0) -> jax.Array:
+    """IoU of (cx, cy, w, h) boxes, broadcasting over leading axes: YOLOX's `bboxes_iou(xyxy=False)` (eps 0)
+    and `IOUloss` (eps 1e-16 in the denominator)."""
+    tl = jnp.maximum(a[..., :2] - a[..., 2:] / 2, b[..., :2] - b[..., 2:] / 2)
+    br = jnp.minimum(a[..., :2] + a[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2)
+    area_a = a[..., 2] * a[..., 3]
+    area_b = b[..., 2] * b[..., 3]
+    overlap = jnp.all(tl < br, -1)
+    area_i = jnp.where(overlap, (br - tl)[..., 0] * (br - tl)[..., 1], 0.0)
+    return area_i / (area_a + area_b - area_i + eps)
+
+
+def box_iou_xyxy(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Pairwise IoU (K, L) of corner boxes (K, 4) and (L, 4), torchvision's `box_iou` formula."""
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    lt = jnp.maximum(a[:, None, :2], b[None, :, :2])
+    rb = jnp.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = jnp.clip(rb - lt, 0.0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
 # ---------------------------------------------------------------------------- the zoo

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from evit_jax.models.det import decode_boxes, xyxy_to_cxcywh
+from evit_jax.models.det import box_iou_cxcywh, decode_boxes, xyxy_to_cxcywh
 
 REG_WEIGHT = 5.0  # YOLOX: weight of the IoU loss
 L1_EPS = 1e-8  # YOLOX get_l1_target: log(w / stride + eps)
@@ -66,18 +66,6 @@ class Assignment(NamedTuple):
     foreground: jax.Array  # (..., N) bool
     matched_gt: jax.Array  # (..., N) int32
     matched_iou: jax.Array  # (..., N) float32
-
-
-def iou_cxcywh(a: jax.Array, b: jax.Array, eps: float = 0.0) -> jax.Array:
-    """IoU of (cx, cy, w, h) boxes, broadcasting over leading axes: YOLOX's `bboxes_iou(xyxy=False)` (eps 0)
-    and `IOUloss` (eps 1e-16 in the denominator)."""
-    tl = jnp.maximum(a[..., :2] - a[..., 2:] / 2, b[..., :2] - b[..., 2:] / 2)
-    br = jnp.minimum(a[..., :2] + a[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2)
-    area_a = a[..., 2] * a[..., 3]
-    area_b = b[..., 2] * b[..., 3]
-    overlap = jnp.all(tl < br, -1)
-    area_i = jnp.where(overlap, (br - tl)[..., 0] * (br - tl)[..., 1], 0.0)
-    return area_i / (area_a + area_b - area_i + eps)
 
 
 def _inside(cx: jax.Array, cy: jax.Array, left, right, top, bottom) -> jax.Array:
@@ -129,7 +117,7 @@ def simota_assign(pred_boxes: jax.Array, cls_logits: jax.Array, obj_logits: jax.
     candidate = jnp.any(candidate_pairs & valid, 0)  # YOLOX's fg_mask: candidates of any box
     pairs = valid & candidate[None, :]
 
-    ious = jnp.where(pairs, iou_cxcywh(gt_boxes[:, None, :], pred_boxes[None, :, :]), 0.0)
+    ious = jnp.where(pairs, box_iou_cxcywh(gt_boxes[:, None, :], pred_boxes[None, :, :]), 0.0)
     cost = (class_cost(cls_logits, obj_logits, gt_classes.astype(jnp.int32))
             + config.iou_cost_weight * -jnp.log(ious + 1e-8)
             + config.geometry_penalty * (~geometric).astype(jnp.float32))
@@ -190,7 +178,7 @@ def yolox_loss(predictions: jax.Array, grid, boxes: jax.Array, classes: jax.Arra
     matched_boxes = jnp.take_along_axis(gt, assign.matched_gt[..., None], 1)
     # Background points get a harmless unit target so that no masked-out term can produce a NaN gradient.
     matched_boxes = jnp.where(fg[..., None], matched_boxes, jnp.array([0.0, 0.0, 1.0, 1.0]))
-    iou = iou_cxcywh(pred_boxes, matched_boxes, eps=1e-16)
+    iou = box_iou_cxcywh(pred_boxes, matched_boxes, eps=1e-16)
     iou_loss = jnp.sum(jnp.where(fg, 1.0 - iou**2, 0.0)) / denominator
 
     obj_loss = jnp.sum(optax.sigmoid_binary_cross_entropy(obj_logits, fg.astype(jnp.float32))) / denominator

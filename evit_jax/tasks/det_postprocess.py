@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from evit_jax.models.det import cxcywh_to_xyxy, decode_boxes
+from evit_jax.models.det import box_iou_xyxy, cxcywh_to_xyxy, decode_boxes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,17 +53,6 @@ class Detections(NamedTuple):
     @property
     def count(self) -> jax.Array:
         return jnp.sum(self.valid, -1)
-
-
-def box_iou_xyxy(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Pairwise IoU (K, L) of corner boxes (K, 4) and (L, 4), torchvision's `box_iou` formula."""
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = jnp.maximum(a[:, None, :2], b[None, :, :2])
-    rb = jnp.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = jnp.clip(rb - lt, 0.0)
-    inter = wh[..., 0] * wh[..., 1]
-    return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
 def greedy_nms(boxes: jax.Array, classes: jax.Array, valid: jax.Array, iou_threshold: float,
