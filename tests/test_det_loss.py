@@ -232,10 +232,14 @@ def test_gradients_are_finite():
     assert np.isfinite(np.asarray(grad_fn(raw, np.zeros_like(mask)))).all()
 
 
-def test_bad_grid_is_one_clear_error():
+def test_bad_input_is_one_clear_error():
     raw, grid, boxes, classes, mask = random_case(0, batch=1)
     with pytest.raises(ValueError, match="detection_grid"):
         det_loss.yolox_loss(raw, detection_grid(32, 32), boxes, classes, mask)
+    with pytest.raises(ValueError, match=r"M >= 1 \(pad images"):
+        det_loss.yolox_loss(raw, grid, boxes[:, :0], classes[:, :0], mask[:, :0])
+    with pytest.raises(ValueError, match="classes \\(B, M\\)"):
+        det_loss.yolox_loss(raw, grid, boxes, classes[:, :2], mask)
 
 
 _SHARDED = textwrap.dedent("""

@@ -163,6 +163,11 @@ def yolox_loss(predictions: jax.Array, grid, boxes: jax.Array, classes: jax.Arra
     if predictions.shape[1] != grid.shape[0]:
         raise ValueError(f"yolox_loss: predictions have {predictions.shape[1]} points but the grid has "
                          f"{grid.shape[0]}; build the grid with detection_grid(height, width) of the input size")
+    b, m = predictions.shape[0], boxes.shape[1] if boxes.ndim == 3 else 0
+    if boxes.shape != (b, m, 4) or m < 1 or classes.shape != (b, m) or mask.shape != (b, m):
+        raise ValueError(f"yolox_loss: ground truth must be boxes (B, M, 4), classes (B, M) and mask (B, M) with "
+                         f"B = {b} and M >= 1 (pad images to a fixed M); got {boxes.shape}, {classes.shape}, "
+                         f"{mask.shape}")
     raw_boxes, obj_logits, cls_logits = predictions[..., :4], predictions[..., 4], predictions[..., 5:]
     num_classes = cls_logits.shape[-1]
     pred_boxes = decode_boxes(raw_boxes, grid)
