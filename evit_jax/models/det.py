@@ -5,8 +5,8 @@ to a YOLOX detector; no detection code was released. The neck and head follow Me
 (`yolox/models/yolo_pafpn.py`, `yolo_head.py`, `network_blocks.py`) with its module names, so that
 `neck/C3_p4/m_0/conv2/...` or `head/cls_convs_0_1/...` convert to the keys a YOLOX reader expects
 (`neck.C3_p4.m.0.conv2`, `head.cls_convs.0.1`; our conv layers call their BatchNorm `norm`, YOLOX `bn`).
-Widths, depths, activation and normalisation are chosen per variant in `DET_NECKS` (reasons in
-docs/detection.md, section "Model").
+Depth, depthwise convs and activation are chosen per variant in `DET_NECKS`, widths follow the backbone, and
+the neck and head use YOLOX's BatchNorm settings (reasons in docs/detection.md, section "Model").
 
 Output: raw per-point predictions of every level, flattened row-major per level and concatenated in stride
 order, (B, N, 4 + 1 + C) float32 = (x offset, y offset, log w, log h, objectness logit, class logits): the
