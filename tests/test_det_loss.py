@@ -184,7 +184,8 @@ def test_loss_by_hand_one_box_four_points(use_l1):
     expect_iou = 5 * (1 - iou**2)
     expect_obj = sum(_bce(o, t) for o, t in zip(obj, [1, 0, 0, 0]))
     expect_cls = _bce(0.5, 0.0) + _bce(1.5, iou)
-    expect_l1 = abs(6.5 / 8 - 6 / 8) + 0.0 + abs(0.0 - math.log(1 + 1e-8)) + abs(math.log(7 / 8) - math.log(6 / 8 + 1e-8))
+    expect_l1 = (abs(6.5 / 8 - 6 / 8) + 0.0 + abs(0.0 - math.log(1 + 1e-8))
+                 + abs(math.log(7 / 8) - math.log(6 / 8 + 1e-8)))
     loss, m = LOSS(raw, grid, boxes, classes, mask, use_l1=use_l1)
     assert int(m["num_fg"]) == 1 and int(m["num_gt"]) == 1
     np.testing.assert_allclose(float(m["iou_loss"]), expect_iou, rtol=1e-5)

@@ -46,7 +46,8 @@ def test_zoo_lists_the_detectors():
     names = [f"efficientvit_det_{v}" for v in VARIANTS] + [f"efficientvit_v1_det_{v}" for v in VARIANTS]
     assert list_models("detection") == sorted(names)
     spec = get_model_spec("efficientvit-v1-det-b1")
-    assert (spec.task, spec.variant, spec.num_classes, spec.dataset, spec.design) == ("detection", "b1", 80, "coco", "v1")
+    assert (spec.task, spec.variant, spec.num_classes, spec.dataset, spec.design) == (
+        "detection", "b1", 80, "coco", "v1")
     assert get_model_spec("efficientvit_det_b2").design == "v2"
 
 
