@@ -9,7 +9,7 @@ inside FusedMBConv, `conv1`/`conv2` inside ResBlock, and `main` inside a residua
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -115,6 +115,7 @@ class Conv2d(nn.Module):
     stride: int = 1
     groups: int = 1
     use_bias: bool = False
+    bias_init: Callable[..., jax.Array] = nn.initializers.zeros  # YOLOX's prediction convs start at a prior
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -132,7 +133,7 @@ class Conv2d(nn.Module):
             conv_impl=self.cfg.conv_impl,
         )
         if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.cfg.param_dtype)
+            bias = self.param("bias", self.bias_init, (self.features,), self.cfg.param_dtype)
             y = y + bias.astype(self.cfg.dtype)
         return y
 

@@ -1,7 +1,8 @@
 """The model zoo: every official EfficientViT model, created by name.
 
 Names: `efficientvit_{b0..b3,l1..l3}` (ImageNet classification), `efficientvit_seg_<v>_<dataset>`
-(Cityscapes / ADE20K segmentation) and `efficientvit_backbone_{b0..b3,l0..l3}` (feature dicts).
+(Cityscapes / ADE20K segmentation), `efficientvit_backbone_{b0..b3,l0..l3}` (feature dicts) and
+`efficientvit[_v1]_det_{b0..b3}` (COCO detection, registered by evit_jax/models/det.py).
 The official hyphenated names (`efficientvit-b1`, `efficientvit-seg-b1-cityscapes`) and timm names with a
 pretrained tag (`efficientvit_b1.r224_in1k`) are accepted as aliases.
 """
@@ -260,3 +261,6 @@ def create_model(
     )
     options = BuildOptions(spec, cfg, attention_kw, num_classes, drop_path_rate, drop_path_skip, dropout, design, timm)
     return _REGISTRY[spec.name][1](options)
+
+# Detection models register themselves (evit_jax/models/det.py imports this module's builders).
+import evit_jax.models.det  # noqa: E402,F401
