@@ -81,6 +81,25 @@ def _batch_dim_source(name: str, producers: dict[str, onnx.NodeProto], values: d
     return shape_node.input[0], int(np.asarray(values[node.input[1]]).reshape(-1)[0])
 
 
+def _shape_target(name: str, producers, values, like: str | None = None) -> list | None:
+    """The entries of a shape tensor `Concat(constants, copied dimensions)`: ints, 0 for a copy of `like`'s
+    dimension at the same position, None for another copied dimension; None when it is anything else."""
+    concat = producers.get(name)
+    if concat is None or concat.op_type != "Concat":
+        return None
+    target: list[int | None] = []
+    for part in concat.input:
+        if part in values:
+            target.extend(int(v) for v in np.asarray(values[part]).reshape(-1))
+            continue
+        source = _batch_dim_source(part, producers, values)
+        if source is None:
+            return None
+        tensor, axis = source
+        target.append(0 if tensor == like and axis == len(target) else None)
+    return target
+
+
 def constant_reshape_targets(model: onnx.ModelProto) -> None:
     """Gives every Reshape fed by a `Concat` of constants and copied input dimensions a constant target."""
     graph = model.graph
@@ -89,27 +108,59 @@ def constant_reshape_targets(model: onnx.ModelProto) -> None:
     for node in graph.node:
         if node.op_type != "Reshape" or node.input[1] in values:
             continue
-        concat = producers.get(node.input[1])
-        if concat is None or concat.op_type != "Concat":
+        target = _shape_target(node.input[1], producers, values, like=node.input[0])
+        if target is None:
             continue
-        target: list[int | None] = []
-        for part in concat.input:
-            if part in values:
-                target.extend(int(v) for v in np.asarray(values[part]).reshape(-1))
+        unknown = [i for i, v in enumerate(target) if v is None]
+        if len(unknown) > 1 or (unknown and -1 in target):
+            continue
+        shape = np.array([-1 if v is None else v for v in target], np.int64)
+        name = f"{node.output[0]}__static_shape"
+        graph.initializer.append(numpy_helper.from_array(shape, name))
+        node.input[1] = name
+
+
+def _value_shapes(graph: onnx.GraphProto) -> dict[str, list]:
+    """Known shapes by value name: ints, and strings for symbolic dimensions."""
+    infos = list(graph.value_info) + list(graph.input) + list(graph.output)
+    return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in infos
+            if v.type.tensor_type.HasField("shape")}
+
+
+def constant_concat_as_pad(model: onnx.ModelProto) -> None:
+    """`Concat(x, Expand(scalar, shape of x with k at the axis))` -> `Pad(x, constant pads, scalar)` (either order)."""
+    graph = model.graph
+    values = _constants(graph)
+    producers = {o: n for n in graph.node for o in n.output}
+    shapes = _value_shapes(graph)
+    for index, node in enumerate(list(graph.node)):
+        if node.op_type != "Concat" or len(node.input) != 2:
+            continue
+        axis = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        for position in (0, 1):
+            expand, data = producers.get(node.input[position]), node.input[1 - position]
+            if expand is None or expand.op_type != "Expand" or expand.input[0] not in values:
                 continue
-            source = _batch_dim_source(part, producers, values)
-            if source is None:
-                break
-            tensor, axis = source
-            target.append(0 if tensor == node.input[0] and axis == len(target) else None)
-        else:
-            unknown = [i for i, v in enumerate(target) if v is None]
-            if len(unknown) > 1 or (unknown and -1 in target):
+            fill = np.asarray(values[expand.input[0]])
+            target = _shape_target(expand.input[1], producers, values)
+            data_shape = shapes.get(data)
+            if fill.size != 1 or target is None or data_shape is None or len(target) != len(data_shape):
                 continue
-            shape = np.array([-1 if v is None else v for v in target], np.int64)
-            name = f"{node.output[0]}__static_shape"
-            graph.initializer.append(numpy_helper.from_array(shape, name))
-            node.input[1] = name
+            rank, ax = len(target), axis % len(target)
+            same_elsewhere = all((t is None and isinstance(d, str)) or t == d
+                                 for i, (t, d) in enumerate(zip(target, data_shape)) if i != ax)
+            if not same_elsewhere or target[ax] is None:
+                continue
+            pads = np.zeros(2 * rank, np.int64)
+            pads[ax + (rank if position == 1 else 0)] = target[ax]
+            pads_name, fill_name = f"{node.output[0]}__pads", f"{node.output[0]}__fill"
+            graph.initializer.extend([numpy_helper.from_array(pads, pads_name),
+                                      numpy_helper.from_array(fill.reshape(()), fill_name)])
+            pad = onnx.helper.make_node("Pad", [data, pads_name, fill_name], list(node.output),
+                                        name=f"{node.name}__pad", mode="constant")
+            graph.node.remove(node)
+            graph.node.insert(index, pad)
+            break
 
 
 def remove_dead_nodes(model: onnx.ModelProto) -> None:
@@ -132,6 +183,7 @@ def static_shape_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` (changed in place) with constant shape operands wherever a batch copy or -1 can express them."""
     fold_index_constants(model)
     constant_reshape_targets(model)
+    constant_concat_as_pad(model)
     remove_dead_nodes(model)
     return model
 
