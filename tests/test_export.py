@@ -51,7 +51,8 @@ def _reference(case: str, layout: str = "nhwc"):
         spec = ExportSpec(model, "stablehlo", h, w, layout=layout).validate()
         variables = load_variables(spec)  # random weights, random BN statistics (seed 0)
         x = random_inputs(spec, 5)
-        reference = np.asarray(jax.jit(serving_function(spec, variables, export=False))(x))
+        # lax.conv: the quickest to compile; the CPU formulations equal it (tests/test_ops.py).
+        reference = np.asarray(jax.jit(serving_function(spec, variables, export=False, conv_impl="lax"))(x))
         _REFERENCES[key] = (spec, variables, x, reference)
     return _REFERENCES[key]
 
@@ -101,7 +102,7 @@ def test_onnx_of_a_timm_model_equals_torch(torch, tmp_path):
     x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
     with torch.no_grad():
         expected = net(torch.from_numpy(x)).numpy()
-    spec = ExportSpec("efficientvit_b0", "onnx", 64, 64, layout="nchw")
+    spec = ExportSpec("efficientvit_b0", "onnx", 64, 64, layout="nchw", numerics="timm")
     out = export(spec, tmp_path / "timm_b0.onnx", variables=variables)
     got = formats.LOADERS["onnx"](out, read_metadata(out))(x)
     assert compare(got, expected) < TOLERANCE
@@ -118,16 +119,15 @@ def test_pil_bicubic_matrix_equals_pil():
 
 
 def test_preprocessing_in_the_graph_matches_the_host_transforms():
-    """uint8 -> model input in the graph vs evit_jax/data: PIL rounds to uint8 after each of its two passes,
-    the graph once, so pixels may differ by a level or two; the torch-style bicubic of segmentation rounds
-    once on both sides."""
+    """uint8 -> model input in the graph vs evit_jax/data (PIL for classification): equal up to PIL's
+    fixed-point weights (one level at most, rarely)."""
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (80, 100, 3), dtype=np.uint8)
     image = np.asarray(Image.fromarray(image).resize((100, 80), Image.BILINEAR))  # some spatial correlation
     cls = preprocess.classification_inputs(image[None], (64, 64), 0.95)
     host = transforms.resize_center_crop(image, 64, 0.95)
     pixels = np.asarray(cls[0]) * IMAGENET_STD + IMAGENET_MEAN
-    assert np.abs(pixels - host).max() <= 2.0 + 1e-3 and np.abs(pixels - host).mean() < 0.3
+    assert np.abs(pixels - host).max() <= 1.0 + 1e-3 and np.abs(pixels - host).mean() < 0.01
     seg = preprocess.segmentation_inputs(image[None], (64, 96))
     host = seg_transforms.resize_image(image, (64, 96), "bicubic")
     pixels = np.asarray(seg[0]) * IMAGENET_STD + IMAGENET_MEAN

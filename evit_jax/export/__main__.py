@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-ratio", type=float, default=None, help="with --preprocess, classification: centre-crop "
                    "ratio (default: 0.95 for B0/B1, 1.0 otherwise)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size of random weights")
+    p.add_argument("--numerics", default="official", help="official | timm (use timm for timm checkpoints: "
+                   "LiteMLA eps 1e-5, no quadratic path)")
     p.add_argument("--ema", action="store_true", help="take the EMA weights of the checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights (no --checkpoint)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
@@ -67,7 +69,7 @@ def _spec(args: argparse.Namespace):
     return ExportSpec(model=args.model, format=args.format, height=height, width=width, batch=batch,
                       dtype=args.dtype, layout=args.layout, preprocess=args.preprocess, input_height=input_h,
                       input_width=input_w, crop_ratio=args.crop_ratio, checkpoint=args.checkpoint,
-                      use_ema=args.ema, num_classes=args.num_classes, seed=args.seed,
+                      use_ema=args.ema, num_classes=args.num_classes, numerics=args.numerics, seed=args.seed,
                       opset=args.opset or DEFAULT_OPSET,
                       platforms=tuple(p.strip() for p in args.platforms.split(",") if p.strip())).validate()
 

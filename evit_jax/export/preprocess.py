@@ -5,8 +5,9 @@ side to ceil(size / crop_ratio), then a centre crop), segmentation follows the o
 (PyTorch-equivalent bicubic resize to the model input, evit_jax/models/resize.py). Every resize is a pair
 of static interpolation matrices applied as matmuls, so the graph converts to every format unchanged.
 
-PIL resizes 8-bit images in two passes with a uint8 rounding after each; the graph rounds once, at the
-end, so a pixel may differ from PIL's by one or two levels (tested).
+PIL resizes 8-bit images in two passes (width, then height), rounding and clipping to uint8 after each;
+the graph does the same in float32. PIL's 22-bit fixed-point weights and its round-half-up may still move
+a pixel by one level (tested).
 """
 
 from __future__ import annotations
@@ -61,12 +62,6 @@ def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]
     return int(short_side * height / width), short_side
 
 
-def _resize_matrices(x: jax.Array, mh: np.ndarray, mw: np.ndarray) -> jax.Array:
-    """NHWC float32 x -> mh @ x @ mw.T over the spatial axes."""
-    x = jnp.einsum("oh,bhwc->bowc", jnp.asarray(mh), x, precision=HIGHEST)
-    return jnp.einsum("pw,bowc->bopc", jnp.asarray(mw), x, precision=HIGHEST)
-
-
 def _to_pixels(x: jax.Array) -> jax.Array:
     """Rounded and clipped to the uint8 grid (kept as float32), as an 8-bit resize returns."""
     return jnp.clip(jnp.round(x), 0.0, 255.0)
@@ -85,7 +80,16 @@ def classification_inputs(images: jax.Array, size: tuple[int, int], crop_ratio: 
     top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
     mh = pil_bicubic_matrix(height, new_h)[top:top + crop_h]
     mw = pil_bicubic_matrix(width, new_w)[left:left + crop_w]
-    return normalize_images(_to_pixels(_resize_matrices(images.astype(jnp.float32), mh, mw)))
+    x = images.astype(jnp.float32)
+    if new_w != width:  # PIL skips a pass whose size does not change
+        x = _to_pixels(jnp.einsum("pw,bhwc->bhpc", jnp.asarray(mw), x, precision=HIGHEST))
+    else:
+        x = x[:, :, left:left + crop_w]
+    if new_h != height:
+        x = _to_pixels(jnp.einsum("oh,bhwc->bowc", jnp.asarray(mh), x, precision=HIGHEST))
+    else:
+        x = x[:, top:top + crop_h]
+    return normalize_images(x)
 
 
 def segmentation_inputs(images: jax.Array, size: tuple[int, int]) -> jax.Array:

@@ -29,7 +29,7 @@ def load_variables(spec: ExportSpec) -> dict:
     """The weights of `spec`: its checkpoint (any file or directory `evit_jax.predict` reads), or random
     variables drawn from `spec.seed` when it has none."""
     if spec.checkpoint is None:
-        model = create_model(spec.model, num_classes=spec.num_classes)
+        model = create_model(spec.model, num_classes=spec.num_classes, numerics=spec.numerics)
         return random_variables(model, (1, spec.height, spec.width, 3), seed=spec.seed)
     from evit_jax.predict import PredictError, load_weights
 
@@ -58,16 +58,20 @@ def input_signature(spec: ExportSpec) -> tuple[tuple[int | None, ...], Any]:
     return (spec.batch, spec.height, spec.width, 3), np.float32
 
 
-def serving_function(spec: ExportSpec, variables: dict, *, export: bool = True) -> Callable[[jax.Array], jax.Array]:
-    """x (input_signature) -> the output of spec.output_name; see the module docstring for `export`."""
+def serving_function(spec: ExportSpec, variables: dict, *, export: bool = True,
+                     conv_impl: str = "auto") -> Callable[[jax.Array], jax.Array]:
+    """x (input_signature) -> the output of spec.output_name; see the module docstring for `export`.
+
+    conv_impl: the convolutions of the reference (export=False); exports always use "lax".
+    """
     num_classes = num_classes_of(spec, variables)
-    kwargs = dict(num_classes=num_classes, dtype=JNP_DTYPES[spec.dtype])
+    kwargs = dict(num_classes=num_classes, dtype=JNP_DTYPES[spec.dtype], numerics=spec.numerics)
     if export:
         model, weights = folded_model(spec.model, variables, conv_impl="lax", **kwargs)
         weights = jax.tree.map(lambda w: w.astype(kwargs["dtype"]) if np.issubdtype(w.dtype, np.floating) else w,
                                weights)
     else:
-        model, weights = create_model(spec.model, **kwargs), variables
+        model, weights = create_model(spec.model, conv_impl=conv_impl, **kwargs), variables
     task, size = spec.task, (spec.height, spec.width)
 
     def serve(x: jax.Array) -> jax.Array:

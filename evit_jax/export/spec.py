@@ -67,6 +67,8 @@ class ExportSpec:
     layout: "nhwc" or "nchw" (float input and spatial outputs transposed, PyTorch style).
     preprocess: uint8 NHWC images of `input_height` x `input_width` in, the eval transform in the graph.
     checkpoint: the weights (None: random weights from `seed`, for trying the pipeline).
+    numerics: "official" or "timm" (evit_jax.models.create_model): a timm checkpoint computes timm's
+      function (LiteMLA eps 1e-5, no quadratic path) only with "timm".
     """
 
     model: str
@@ -83,6 +85,7 @@ class ExportSpec:
     checkpoint: str | None = None
     use_ema: bool = False
     num_classes: int | None = None
+    numerics: str = "official"
     seed: int = 0
     opset: int = DEFAULT_OPSET
     platforms: tuple[str, ...] = ("cpu", "cuda", "tpu")
@@ -109,6 +112,8 @@ class ExportSpec:
         if self.dtype not in FORMAT_DTYPES[self.format]:
             raise ExportError(f"--dtype {self.dtype} is not supported for {self.format}; use one of "
                               f"{', '.join(FORMAT_DTYPES[self.format])}")
+        if self.numerics not in ("official", "timm"):
+            raise ExportError(f"--numerics must be official or timm, got {self.numerics!r}")
         if self.layout not in LAYOUTS:
             raise ExportError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.height % STRIDE or self.width % STRIDE or min(self.height, self.width) < STRIDE:
