@@ -5,10 +5,10 @@
 
 Each model gets random weights; it is exported with a fixed batch of 1 (float32, BatchNorm folded) to ONNX
 and TFLite in a temporary directory, then the JAX jitted eval forward (unfolded, default convolutions, as
-evit_jax.tools.benchmark runs it), the folded JAX model, the onnxruntime session (CPU provider, all graph
-optimisations) and the TFLite interpreter (XNNPACK) are timed in alternating phases on the same input
-(evit_jax.tools.benchmark.time_in_phases), with the same thread count. Prints the machine and its load:
-figures from a shared machine are only comparable within one run.
+evit_jax.tools.benchmark runs it), the folded JAX model (evit_jax.models.fold, default convolutions), the
+onnxruntime session (CPU provider, all graph optimisations) and the TFLite interpreter (XNNPACK) are timed
+in alternating phases on the same input (evit_jax.tools.benchmark.time_in_phases), with the same thread
+count. Prints the machine and its load: figures from a shared machine are only comparable within one run.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from evit_jax.export.api import export, random_inputs  # noqa: E402
 from evit_jax.export.spec import ExportSpec, parse_size, read_metadata  # noqa: E402
 from evit_jax.export.serving import load_variables, serving_function  # noqa: E402
 from evit_jax.models import get_model_spec  # noqa: E402
+from evit_jax.models.fold import folded_model  # noqa: E402
 from evit_jax.tools.benchmark import time_in_phases  # noqa: E402
 
 DEFAULT_MODELS = ("efficientvit_b0:224", "efficientvit_b1:224", "efficientvit_seg_b0_cityscapes:512")
@@ -53,7 +54,8 @@ def machine() -> str:
 def _runtimes(spec: ExportSpec, variables: dict, workdir: Path, threads: int) -> dict[str, Callable[[], Any]]:
     x = random_inputs(spec, 1)
     reference = jax.jit(serving_function(spec, variables, export=False))
-    folded = jax.jit(serving_function(spec, variables))
+    model, folded_vars = folded_model(spec.model, variables)  # default convolutions: the CPU inference model
+    folded = jax.jit(lambda x: model.apply(folded_vars, x, train=False))
     calls: dict[str, Callable[[], Any]] = {
         "jax": lambda: reference(x).block_until_ready(),
         "jax folded": lambda: folded(x).block_until_ready(),
