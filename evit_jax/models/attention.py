@@ -63,7 +63,7 @@ class LiteMLA(nn.Module):
 
         n = height * width
         qkv = qkv.reshape(batch, n, -1, 3 * self.dim).astype(jnp.float32)
-        q, k, v = qkv[..., : self.dim], qkv[..., self.dim : 2 * self.dim], qkv[..., 2 * self.dim :]
+        q, k, v = jnp.split(qkv, [self.dim, 2 * self.dim], axis=-1)
         if spec.name == "relu_linear" and self.quadratic_fallback and n <= self.dim:
             out = relu_quadratic_attention(q, k, v, eps=self.eps)
         else:

@@ -225,6 +225,7 @@ def create_model(
     attention_options: Mapping[str, Any] | None = None,
     scales: Sequence[int] | None = None,
     block_design: str | None = None,
+    fold_batch_norm: bool = False,
 ) -> nn.Module:
     """Build an EfficientViT model by name (see `list_models()`).
 
@@ -239,6 +240,8 @@ def create_model(
       (None: the architecture's own); see evit_jax/models/attention_kernels.py and docs/ablation.md.
     block_design: "v2" (released code) or "v1" (paper-v1 blocks, B family only, evit_jax/models/v1.py);
       None: the name's own (`efficientvit_v1_b1` is v1).
+    fold_batch_norm: an inference-only model whose BatchNorms are folded into the preceding convs; it takes
+      the variables of `evit_jax.models.fold.fold_batch_norm` (see `evit_jax.models.fold.folded_model`).
     """
     spec = get_model_spec(name)
     if numerics not in ("official", "timm"):
@@ -253,7 +256,7 @@ def create_model(
     timm = numerics == "timm"
     attention = attention_spec_string(attention, attention_options, None if scales is None else tuple(scales))
     cfg = LayerConfig(dtype=dtype, param_dtype=param_dtype, bn_eps=bn_eps or FAMILY_BN_EPS.get(spec.family, 1e-5),
-                      conv_impl=conv_impl, zero_last_gamma=zero_last_gamma)
+                      conv_impl=conv_impl, zero_last_gamma=zero_last_gamma, fold_batch_norm=fold_batch_norm)
     attention_kw = dict(
         attention=attention,
         attention_eps=attention_eps if attention_eps is not None else (TIMM_ATTENTION_EPS if timm else OFFICIAL_ATTENTION_EPS),
