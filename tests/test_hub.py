@@ -36,7 +36,7 @@ from evit_jax.data import imagenet_classes
 from evit_jax.models import create_model, get_model_spec, list_models
 from tests._reference_weights import assert_close_to_torch
 from tests.test_convert import assert_bit_equal, random_state_dict
-from tests.test_parity_timm import randomize_norms
+from tests._reference_weights import randomize_torch_norms
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def timm_b0_safetensors(torch, tmp_path: Path) -> tuple[bytes, object]:
     import timm
 
     model = timm.create_model("efficientvit_b0", pretrained=False).eval()
-    randomize_norms(torch, model)
+    randomize_torch_norms(torch, model)
     path = tmp_path / "model.safetensors"
     safetensors.torch.save_file(model.state_dict(), str(path))
     return path.read_bytes(), model
