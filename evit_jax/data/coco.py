@@ -375,12 +375,12 @@ class CocoFormatBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
     def _generate_examples(self, split: PreparedSplit) -> Iterator:
         try:
-            for image, name in zip(split.annotations.images, split.names):
+            for index, (image, name) in enumerate(zip(split.annotations.images, split.names)):
                 data, (height, width) = seg_builder.rgb_image_bytes(split.images.read(name), name)
                 if (height, width) != (image.height, image.width):
                     raise ValueError(f"{split.annotations.where}: image {image.file_name} is "
                                      f"{width}x{height} but the JSON says {image.width}x{image.height}.")
-                yield image.image_id, {IMAGE_KEY: data, "image_id": image.image_id,
+                yield index, {IMAGE_KEY: data, "image_id": image.image_id,
                                        "file_name": image.file_name, LABEL_KEY: image.objects()}
         finally:
             split.images.close()

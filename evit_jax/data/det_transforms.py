@@ -13,7 +13,7 @@ What follows YOLOX (Megvii-BaseDetection/YOLOX, ``yolox/data/data_augment.py`` a
 - :func:`letterbox`: resize keeping the aspect ratio so that the image fits (long side = the
     size), bilinear, pad bottom/right with 114 (``preproc``, also the evaluation input).
 - :func:`hsv_jitter`: ``augment_hsv`` (gains 0.015 / 0.7 / 0.4 on OpenCV's 8-bit HSV), with
-    OpenCV's uint8 RGB<->HSV conversion reproduced in numpy.
+    OpenCV's uint8 RGB<->HSV conversions reproduced in numpy (bit-exact; see :func:`hsv_to_rgb`).
 - :func:`mosaic`: four images, each fitted into the output size, around a random centre of a
     2x canvas filled with 114, then :func:`random_affine` (rotation, scale, shear,
     translation; ``random_perspective``) back to the output size.
@@ -202,8 +202,10 @@ _SECTORS = np.array([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 
 
 
 def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    """uint8 HSV (H in [0, 180)) -> uint8 RGB exactly as OpenCV's ``COLOR_HSV2RGB`` (float32 math
-    with fused multiply-adds, rounded half to even)."""
+    """uint8 HSV (H in [0, 180)) -> uint8 RGB exactly as OpenCV's vectorised ``COLOR_HSV2RGB``
+    (float32 math with fused multiply-adds, truncated to uint8). OpenCV runs that path on all
+    but the last (width mod 32) pixels of each row (on AVX2 machines); its scalar loop for those
+    rounds instead, so there the two can differ by one level."""
     h = hsv[..., 0].astype(np.float32) * np.float32(6.0 / 180.0)
     s = hsv[..., 1].astype(np.float32) * np.float32(1.0 / 255.0)
     v = hsv[..., 2].astype(np.float32) * np.float32(1.0 / 255.0)
@@ -218,7 +220,7 @@ def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     table = np.stack([v, v * (one - s), v * one_minus(s, frac), v * one_minus(s, one - frac)], axis=-1)
     rgb = np.take_along_axis(table, _SECTORS[sector], axis=-1)
     rgb = np.where((s == 0)[..., None], v[..., None], rgb)
-    return np.clip(np.rint(rgb * np.float32(255.0)), 0, 255).astype(np.uint8)
+    return np.clip(rgb * np.float32(255.0), 0, 255).astype(np.uint8)   # truncates, as OpenCV's SIMD path
 
 
 def apply_hsv_gains(image: np.ndarray, gains: Sequence[float]) -> np.ndarray:
