@@ -398,7 +398,8 @@ def _attributes(name: str, builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
 
 
 def get_info(name: str, data_dir: str, *, build: bool = True) -> DatasetInfo:
-    """Number of classes, split sizes, class names, ignore index and feature keys of `name`.
+    """Number of classes, split sizes, class names, ignore index, feature keys and (detection)
+    original category ids of `name`.
 
     Built-in datasets are generated if needed (split sizes are known only once built;
     ``build=False``: never); a missing dataset raises FileNotFoundError like `get_source`.
