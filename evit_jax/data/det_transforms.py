@@ -180,25 +180,49 @@ def _area(boxes: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- colour
-_SDIV = np.array([0] + [round((255 << 12) / v) for v in range(1, 256)], np.int64)
-_HDIV = np.array([0] + [round((180 << 12) / (6.0 * d)) for d in range(1, 256)], np.int64)
+_SDIV = np.array([0] + [round((255 << 12) / v) for v in range(1, 256)], np.int32)
+_HDIV = np.array([0] + [round((180 << 12) / (6.0 * d)) for d in range(1, 256)], np.int32)
 
 
 def rgb_to_hsv(image: np.ndarray) -> np.ndarray:
     """uint8 RGB -> uint8 HSV exactly as OpenCV's ``COLOR_RGB2HSV`` (H in [0, 180), fixed point)."""
-    rgb = image.astype(np.int64)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    v = rgb.max(axis=-1)
-    diff = v - rgb.min(axis=-1)
+    r, g, b = (image[..., k].astype(np.int32) for k in range(3))
+    v = np.maximum(np.maximum(r, g), b)
+    diff = v - np.minimum(np.minimum(r, g), b)
     s = (diff * _SDIV[v] + (1 << 11)) >> 12
     h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
     h = (h * _HDIV[diff] + (1 << 11)) >> 12
-    h = np.where(h < 0, h + 180, h)
-    return np.stack([h, s, v], axis=-1).astype(np.uint8)
+    h += np.where(h < 0, 180, 0)
+    out = np.empty(image.shape, np.uint8)
+    out[..., 0], out[..., 1], out[..., 2] = h, s, v
+    return out
 
 
-# Which of (v, p, q, t) is R, G, B in each hue sector (OpenCV's HSV2RGB sector table, RGB order).
-_SECTORS = np.array([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
+def _hsv_to_rgb_factors() -> np.ndarray:
+    """(3, 256 s, 256 h) float32: the factor of v/255 that OpenCV's HSV -> RGB gives each of R, G, B.
+
+    OpenCV computes, in float32, h' = h * (6/180), sector = floor(h'), f = h' - sector, and from
+    v, p = v (1 - s), q = v (1 - s f), t = v (1 - s (1 - f)) (s and v divided by 255; the inner
+    ``1 - s x`` a fused multiply-add, rounded once) picks per sector which is R, G, B. These
+    factors depend on (s, h) only, so they are tabulated once.
+    """
+    f32 = np.float32
+    hue = np.arange(256, dtype=f32) * f32(6.0 / 180.0)
+    floor = np.floor(hue)
+    frac, sector = hue - floor, floor.astype(np.int64) % 6
+    sat = np.arange(256, dtype=f32) * f32(1.0 / 255.0)
+
+    def one_minus(x, y):  # 1 - x * y with a single rounding (float64 holds the exact product)
+        return (1.0 - x.astype(np.float64) * y.astype(np.float64)).astype(f32)
+
+    choices = np.stack([np.ones((256, 256), f32), np.broadcast_to((f32(1) - sat)[:, None], (256, 256)),
+                        one_minus(sat[:, None], frac[None, :]), one_minus(sat[:, None], f32(1) - frac[None, :])])
+    # Which of (v, p, q, t) is R, G, B in each sector (OpenCV's sector table, in RGB order).
+    order = np.array([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
+    return np.stack([choices[order[sector, c], :, np.arange(256)].T for c in range(3)])
+
+
+_HSV_FACTORS = _hsv_to_rgb_factors()
 
 
 def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
@@ -206,21 +230,12 @@ def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     (float32 math with fused multiply-adds, truncated to uint8). OpenCV runs that path on all
     but the last (width mod 32) pixels of each row (on AVX2 machines); its scalar loop for those
     rounds instead, so there the two can differ by one level."""
-    h = hsv[..., 0].astype(np.float32) * np.float32(6.0 / 180.0)
-    s = hsv[..., 1].astype(np.float32) * np.float32(1.0 / 255.0)
+    h, s = hsv[..., 0], hsv[..., 1]
     v = hsv[..., 2].astype(np.float32) * np.float32(1.0 / 255.0)
-    floor = np.floor(h)
-    frac = h - floor                              # float32, as OpenCV
-    sector = floor.astype(np.int64) % 6           # H < 180 gives sectors 0..5
-    one = np.float32(1.0)
-
-    def one_minus(x, y):  # 1 - x * y rounded once, as the fused multiply-add OpenCV's build uses
-        return (1.0 - x.astype(np.float64) * y.astype(np.float64)).astype(np.float32)
-
-    table = np.stack([v, v * (one - s), v * one_minus(s, frac), v * one_minus(s, one - frac)], axis=-1)
-    rgb = np.take_along_axis(table, _SECTORS[sector], axis=-1)
-    rgb = np.where((s == 0)[..., None], v[..., None], rgb)
-    return np.clip(rgb * np.float32(255.0), 0, 255).astype(np.uint8)   # truncates, as OpenCV's SIMD path
+    out = np.empty(hsv.shape, np.uint8)
+    for c in range(3):
+        out[..., c] = (v * _HSV_FACTORS[c][s, h]) * np.float32(255.0)   # truncates, as OpenCV's SIMD path
+    return out
 
 
 def apply_hsv_gains(image: np.ndarray, gains: Sequence[float]) -> np.ndarray:
