@@ -1,13 +1,13 @@
 """`evit_det_shapes`: a procedurally generated object-detection dataset.
 
-Each 128x128 scene holds 1-5 objects over a textured background with clutter (smooth
-noise, stripes, checkerboard or gradient; small dots and lines; a few thicker distractor
+Each 128x128 scene holds 1-4 objects over a textured background with clutter (smooth
+noise, stripes, checkerboard or gradient; small dots and lines; up to two thicker distractor
 strokes). The class of an object is its SHAPE (disc, square, triangle, cross, ring, star,
 drawn as in ``evit_seg_shapes``); its colour (flat or a two-tone texture) is drawn
 independently of the class and contrasts with the background, so colour cannot give the
-class away. Sizes are log-uniform from small to large (shape radius 5-30 % of the side:
-boxes of about 13 to 80 px at 128 px); rotations are uniform. Objects may overlap: a later
-object occludes an earlier one, by at most 35 % of the earlier one's area. Each object's
+class away. Sizes are log-uniform from small to large (shape radius 7-30 % of the side:
+boxes of about 18 to 80 px at 128 px); rotations are uniform. Objects may overlap: a later
+object occludes an earlier one, by at most 25 % of the earlier one's area. Each object's
 box is the tight box of its VISIBLE pixels, in pixel-edge coordinates (x1 = first column,
 x2 = last column + 1).
 
@@ -37,8 +37,8 @@ CLASS_NAMES = synthetic_seg.CLASS_NAMES[1:]
 CATEGORY_IDS = tuple(range(1, len(CLASS_NAMES) + 1))
 SEED = 20240615
 _SPLIT_IDS = {"train": 0, "validation": 1}
-RADIUS_RANGE = (0.05, 0.30)     # shape radius, fraction of the image side (log-uniform)
-MAX_OCCLUSION = 0.35            # largest fraction of an object a later one may hide
+RADIUS_RANGE = (0.07, 0.30)     # shape radius, fraction of the image side (log-uniform)
+MAX_OCCLUSION = 0.25            # largest fraction of an object a later one may hide
 _EXTENT = 1.3                   # the shapes of shape_mask reach at most 1.3 radius from the centre
 
 
@@ -49,18 +49,18 @@ class EvitDetShapesConfig(tfds.core.BuilderConfig):
     image_size: int = 128
     num_train: int = 2400
     num_validation: int = 300
-    max_objects: int = 5
+    max_objects: int = 4
 
 
 def _strokes(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    """Adds 0-3 thick random polyline strokes (clutter that belongs to no class)."""
+    """Adds 0-2 thick random polyline strokes (clutter that belongs to no class)."""
     size = image.shape[0]
     layer = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(layer)
-    for _ in range(int(rng.integers(0, 4))):
+    for _ in range(int(rng.integers(0, 3))):
         points = rng.uniform(0, size, size=(int(rng.integers(2, 5)), 2))
         colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
-        draw.line([tuple(p) for p in points], fill=colour, width=int(rng.integers(2, 4)))
+        draw.line([tuple(p) for p in points], fill=colour, width=2)
     return np.asarray(layer, dtype=np.float32)
 
 
@@ -74,7 +74,7 @@ def _tight_box(mask: np.ndarray) -> tuple[float, float, float, float]:
     return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
 
 
-def generate_scene(rng: np.random.Generator, size: int = 128, max_objects: int = 5
+def generate_scene(rng: np.random.Generator, size: int = 128, max_objects: int = 4
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One scene: (uint8 (size, size, 3) image, float64 (M, 4) xyxy boxes, int64 (M,) labels)."""
     image = _strokes(rng, synthetic_seg.background(rng, size))
@@ -111,14 +111,14 @@ def generate_scene(rng: np.random.Generator, size: int = 128, max_objects: int =
     return np.asarray(pil), boxes, np.array(labels, np.int64)
 
 
-def generate_example(split: str, index: int, size: int = 128, max_objects: int = 5
+def generate_example(split: str, index: int, size: int = 128, max_objects: int = 4
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Example ``index`` of ``split`` ("train" | "validation"); deterministic."""
     return generate_scene(np.random.default_rng([SEED, _SPLIT_IDS[split], index]), size, max_objects)
 
 
 class EvitDetShapes(tfds.core.GeneratorBasedBuilder):
-    """Procedural shapes detection: 6 shape classes, 1-5 objects per image."""
+    """Procedural shapes detection: 6 shape classes, 1-4 objects per image."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
