@@ -6,7 +6,7 @@ strokes). The class of an object is its SHAPE (disc, square, triangle, cross, ri
 drawn as in ``evit_seg_shapes``); its colour (flat or a two-tone texture) is drawn
 independently of the class and contrasts with the background, so colour cannot give the
 class away. Sizes are log-uniform from small to large (shape radius 7-30 % of the side:
-boxes of about 18 to 80 px at 128 px); rotations are uniform. Objects may overlap: a later
+boxes of about 16 to 90 px at 128 px); rotations are uniform. Objects may overlap: a later
 object occludes an earlier one, by at most 25 % of the earlier one's area. Each object's
 box is the tight box of its VISIBLE pixels, in pixel-edge coordinates (x1 = first column,
 x2 = last column + 1).
