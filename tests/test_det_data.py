@@ -2,7 +2,6 @@
 and COCO-format JSON preparation on tiny trees (read-back, category mapping, crowds), every bad
 input rejected in one line before anything is written, and the CLI."""
 
-import io
 import json
 import os
 import zipfile

@@ -5,6 +5,8 @@ interpolated at 101 recall points (0, 0.01, ..., 1); AP50/AP75 use one threshold
 values below follow from that definition.
 """
 
+import contextlib
+import io
 import math
 
 import numpy as np
@@ -151,7 +153,6 @@ def test_category_mapping_round_trips(ground_truth):
 
 def test_same_result_as_pycocotools_load_res(ground_truth):
     """Our detection dataset equals what COCO.loadRes builds: identical COCOeval stats."""
-    from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     rng = np.random.default_rng(0)
@@ -167,8 +168,6 @@ def test_same_result_as_pycocotools_load_res(ground_truth):
     results = [{"image_id": int(i), "category_id": CATEGORY_IDS[int(c)],
                 "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])], "score": float(s)}
                for i, b, s, c in zip(dets.image_ids, dets.boxes, dets.scores, dets.classes)]
-    import contextlib
-    import io
     with contextlib.redirect_stdout(io.StringIO()):
         official = COCOeval(gt, gt.loadRes(results), "bbox")
         official.evaluate()

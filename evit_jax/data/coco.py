@@ -38,7 +38,6 @@ and the offending entry.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -274,6 +273,11 @@ class FolderImages:
         with open(os.path.join(self.root, name), "rb") as f:
             return f.read()
 
+    def size(self, name: str) -> tuple[int, int]:
+        """(height, width) from the file's header (the pixels are not read)."""
+        with Image.open(os.path.join(self.root, name)) as image:
+            return image.height, image.width
+
     def close(self) -> None:
         pass
 
@@ -302,7 +306,7 @@ class ManualImages:
 def check_images(split: CocoSplit, images, check_sizes: bool) -> list[str]:
     """The stored name of every image of ``split`` in ``images``; ValueError (one line) for a
     missing file, or (``check_sizes``: reads each file's header) a size that differs from
-    the JSON's width/height."""
+    the JSON's width/height (``images`` then needs a ``size(name)`` method)."""
     names, missing = [], []
     for image in split.images:
         name = images.locate(image.file_name)
@@ -314,10 +318,10 @@ def check_images(split: CocoSplit, images, check_sizes: bool) -> list[str]:
                          f"{images.describe()}, e.g. {missing[0]!r}; pass the folder that holds them.")
     if check_sizes:
         for image, name in zip(split.images, names):
-            with Image.open(io.BytesIO(images.read(name))) as pil:
-                if (pil.height, pil.width) != (image.height, image.width):
-                    raise ValueError(f"{split.where}: image {image.file_name} is {pil.width}x{pil.height} "
-                                     f"but the JSON says {image.width}x{image.height}.")
+            height, width = images.size(name)
+            if (height, width) != (image.height, image.width):
+                raise ValueError(f"{split.where}: image {image.file_name} is {width}x{height} "
+                                 f"but the JSON says {image.width}x{image.height}.")
     return names
 
 
