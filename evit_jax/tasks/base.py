@@ -60,6 +60,15 @@ be pure jnp code, with no Python control flow on values):
   order is the split's order for one-shape eval iterators (``pipeline.make_eval_iterator``);
   bucketed iterators order by bucket, so a task that matches records to examples records an id
   taken from the batch. Default: no records (nothing is fetched per batch).
+* :meth:`Task.teacher_weight` / :meth:`Task.teacher_loss` (optional) - a loss term computed from the
+  EMA model's outputs (self-distillation; MESA in the ImageNet recipe): at training progress ``p``
+  (:meth:`Experiment.training_progress`, a traced scalar), the loop runs the EMA weights in eval mode on
+  the step's inputs, without gradient and only while ``teacher_weight(p) > 0``, and adds
+  ``teacher_weight(p) * teacher_loss(outputs, teacher_outputs)`` to the loss. Default: no teacher.
+* BatchNorm re-estimation before evaluation (optional; official ``reset_bn``):
+  :meth:`Task.bn_reestimation_batch_size` > 0 makes the loop recompute the evaluated weights' BN
+  statistics from :meth:`Task.bn_reestimation_iterator` (inputs from
+  :meth:`Task.preprocess_bn_reestimation`) before every evaluation. Default: off.
 
 Model contract: ``outputs = model.apply(variables, inputs, train=..., ...)`` is whatever the
 task's model returns (logits for classification, stride-8 logits for segmentation).
@@ -210,6 +219,37 @@ class Task(abc.ABC):
         (padding included: the loop drops it), for :meth:`finalize_eval`; runs inside jit.
         Default None: the task's evaluation is a sum of :meth:`eval_statistics`."""
         return None
+
+    # ------------------------------------------------------------------ optional hooks
+    def teacher_weight(self, progress: jax.Array) -> jax.Array | None:
+        """Device side: the weight of the EMA-teacher loss term at training ``progress`` (a traced
+        float32 scalar in [0, 1]); the loop runs the teacher only while it is > 0. Default None:
+        the task has no teacher term (the loop never runs the EMA model in a train step)."""
+        return None
+
+    def teacher_loss(self, outputs: Any, teacher_outputs: Any) -> jax.Array:
+        """Device side: the scalar teacher term from the student's ``outputs`` and the EMA model's
+        (eval mode, no gradient) ``teacher_outputs`` on the same inputs; needed when
+        :meth:`teacher_weight` is not None."""
+        raise NotImplementedError(f"{type(self).__name__} declares a teacher weight but no teacher_loss.")
+
+    def bn_reestimation_batch_size(self) -> int:
+        """Global batch size of the BatchNorm re-estimation pass before every evaluation; 0 (default):
+        no re-estimation. Must divide by the devices and processes (checked with the other batches)."""
+        return 0
+
+    def bn_reestimation_iterator(self, local_batch_size: int) -> Iterable[dict[str, np.ndarray]]:
+        """This process's batches of the re-estimation pass: finite, the same images and augmentations
+        at every call (deterministic for the run's seed), the same number and shapes on every process."""
+        raise NotImplementedError(f"{type(self).__name__} re-estimates BatchNorm but has no images for it.")
+
+    def bn_reestimation_batch_spec(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Global shapes/dtypes of a re-estimation batch."""
+        raise NotImplementedError
+
+    def preprocess_bn_reestimation(self, batch: Batch) -> Any:
+        """Device side: the model inputs of a re-estimation batch (deterministic)."""
+        raise NotImplementedError
 
 
 class DatasetTask(Task):
