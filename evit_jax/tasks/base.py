@@ -177,13 +177,32 @@ class Task(abc.ABC):
         num_classes = getattr(self, "num_classes", None)
         try:
             return load_variables(path, self.model_name, use_ema=use_ema, num_classes=num_classes)
-        except ValueError as with_classes:
+        except ValueError:
             if not self.config.reinit_classifier:
                 raise
-            try:
-                return load_variables(path, self.model_name, use_ema=use_ema)  # the checkpoint's own head
-            except ValueError as e:
-                raise ValueError(f"{e} (with {num_classes} classes: {with_classes})") from None
+        # The checkpoint with its own classifier (any width); a body that does not fit is the error.
+        own = self._stored_num_classes(path, use_ema)
+        try:
+            return load_variables(path, self.model_name, use_ema=use_ema, num_classes=own)
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+
+    def _stored_num_classes(self, path: str, use_ema: bool) -> int | None:
+        """The classifier width of a PyTorch checkpoint file of this model (None: a converted directory,
+        which records it, or no classifier found: the model's default)."""
+        from evit_jax.convert import detect_layout, extract_state_dict, key_table, read_checkpoint
+
+        if os.path.isdir(path):
+            return None
+        try:
+            state_dict = extract_state_dict(read_checkpoint(path), use_ema)
+        except ValueError:
+            return None
+        for entry in key_table(self.model_name, detect_layout(state_dict, self.model_name)):
+            classifier = entry.flax_path[0] == "params" and self.is_classifier_param("/".join(entry.flax_path[1:]))
+            if classifier and entry.flax_path[-1] == "bias" and entry.torch_key in state_dict:
+                return int(np.shape(state_dict[entry.torch_key])[0])
+        return None
 
     def keeps_fresh_init(self, path: str) -> bool:
         """True for variables that ``init_from`` weights may lack and that keep their fresh

@@ -328,7 +328,7 @@ class ClassificationTask(DatasetTask):
                  "top1_correct": jnp.sum(top1),
                  "top5_correct": jnp.sum(topk_correct(outputs, targets, k5) * mask),
                  "loss_sum": jnp.sum(ce * mask)}
-        if self.config.per_class_metrics:
+        if self.config.get("per_class_metrics", False):  # (a bare config, as in unit tests: off)
             k = outputs.shape[-1]
             stats["class_count"] = jax.ops.segment_sum(mask, targets, num_segments=k)
             stats["class_top1_correct"] = jax.ops.segment_sum(top1.astype(jnp.int32), targets, num_segments=k)
