@@ -163,7 +163,7 @@ class Experiment:
     def training_progress(self, step: jax.Array) -> jax.Array:
         """The official trainer's progress (`RunConfig.progress`) at the forward pass of the step
         that follows ``step`` completed updates: 0 during warmup, then the share of the decay
-        steps done, ``max(0, step - warmup) / (total - warmup)``, reaching 1 at the end."""
+        steps done, ``max(0, step - warmup) / (total - warmup)`` (1 after the last update)."""
         decay_steps = max(self.total_steps - self.warmup_steps, 1)
         done = jnp.maximum(jnp.asarray(step, jnp.float32) - self.warmup_steps, 0.0)
         return jnp.minimum(done / decay_steps, 1.0)
