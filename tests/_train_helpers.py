@@ -169,6 +169,24 @@ def run_main(workdir: str, data_dir: str, *overrides: str, devices: int = 1, tin
                           timeout=timeout)
 
 
+def run_local_processes(workdir: str, data_dir: str, log_dir: str, *overrides: str, processes: int = 2,
+                        devices_per_process: int = 2, tiny: bool | str = True,
+                        timeout: float = 600) -> tuple[subprocess.CompletedProcess, str]:
+    """``launch/local.sh`` running the training command on ``processes`` local processes with
+    ``devices_per_process`` CPU devices each; (completed launcher, its stderr tail + every
+    process's log tail, for assertion messages)."""
+    # PYTHON: the launcher runs this interpreter, also when its venv is not activated.
+    env = env_for(1, DEVICES_PER_PROCESS=str(devices_per_process), EVIT_MAIN="tests._train_main", LOG_DIR=log_dir,
+                  PYTHON=sys.executable)
+    env.pop("XLA_FLAGS")
+    cmd = [os.path.join(REPO, "launch", "local.sh"), str(processes),
+           *main_command(workdir, data_dir, *overrides, tiny=tiny)[3:]]  # drop "python -m tests._train_main"
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    logs = proc.stderr[-3000:] + ("".join(open(os.path.join(log_dir, f)).read()[-2000:]
+                                          for f in sorted(os.listdir(log_dir))) if os.path.isdir(log_dir) else "")
+    return proc, logs
+
+
 def final_line(result: subprocess.CompletedProcess) -> str:
     """The run's FINAL summary line without its wall time (which differs from run to run)."""
     (line,) = [l for l in result.stdout.splitlines() if l.startswith("FINAL ")]

@@ -25,7 +25,6 @@ register_tiny_model()
 from configs import demo  # noqa: E402
 from evit_jax.data.transforms import normalize_images  # noqa: E402
 from evit_jax.models import layers  # noqa: E402
-from evit_jax.tasks.classification import classification_loss  # noqa: E402
 from evit_jax.train import loop, optim  # noqa: E402
 from evit_jax.train.state import model_variables  # noqa: E402
 
@@ -249,3 +248,13 @@ def test_per_class_top1_matches_the_predictions(data_dir):
         else:
             assert f"eval/top1/{name}" not in results
     assert results["eval/top1"] == pytest.approx(100 * np.mean(predictions == labels))
+
+
+def test_per_class_names_are_unique(data_dir):
+    """A name two classes share (ImageNet's two "crane"s) is followed by the class index."""
+    import dataclasses
+
+    e = loop.setup_experiment(_config(data_dir, **{"per_class_metrics": True}))
+    names = ("n02012849", "cat", "n03126707") + tuple(f"c{i}" for i in range(7))  # synsets of both cranes
+    e.task._info = dataclasses.replace(e.task.info, class_names=names)
+    assert e.task.class_names()[:3] == ["crane (0)", "cat", "crane (2)"]

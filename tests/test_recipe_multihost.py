@@ -8,10 +8,6 @@ metrics, mixup/cutmix) through `evit_jax.main` on `tiny_test_evit` (tests/_train
   statistics (which the MESA teacher uses afterwards) are in that checkpoint.
 """
 
-import os
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -55,14 +51,8 @@ def test_one_device_four_devices_and_two_processes_agree(tmp_path, data_dir, ref
     _run(four, data_dir, devices=4)
 
     multi = str(tmp_path / "multi")
-    env = h.env_for(1, DEVICES_PER_PROCESS="2", EVIT_MAIN="tests._train_main", LOG_DIR=str(tmp_path / "logs"),
-                    PYTHON=sys.executable)
-    env.pop("XLA_FLAGS")
-    cmd = [os.path.join(h.REPO, "launch", "local.sh"), "2",
-           *h.main_command(multi, data_dir, *_recipe(), tiny=h.TINY_EVIT)[3:]]
-    proc = subprocess.run(cmd, cwd=h.REPO, env=env, capture_output=True, text=True, timeout=900)
-    logs = proc.stderr[-3000:] + "".join(open(os.path.join(tmp_path, "logs", f)).read()[-2000:]
-                                         for f in os.listdir(tmp_path / "logs"))
+    proc, logs = h.run_local_processes(multi, data_dir, str(tmp_path / "logs"), *_recipe(), tiny=h.TINY_EVIT,
+                                       timeout=900)
     assert proc.returncode == 0, logs
 
     m1, m4, m22 = h.read_metrics(ref), h.read_metrics(four), h.read_metrics(multi)

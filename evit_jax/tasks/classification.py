@@ -17,6 +17,7 @@ evaluation from a fixed subset of the train split, through the train transform a
 
 from __future__ import annotations
 
+import collections
 import itertools
 from typing import Mapping
 
@@ -250,14 +251,17 @@ class ClassificationTask(DatasetTask):
         return path.startswith("head/op_list_3/")
 
     def class_names(self) -> list[str]:
-        """The dataset's class names (ImageNet synset ids made readable; "class_<i>" when unnamed),
-        as the per-class metrics name them."""
+        """The dataset's class names as the per-class metrics name them: ImageNet synset ids made
+        readable, a name two classes share followed by the class index ("crane (134)"), "class_<i>"
+        when the dataset names none."""
         from evit_jax.data import imagenet_classes
 
         names = self.info.class_names
         if names is None or len(names) != self.num_classes:
             return [f"class_{i}" for i in range(self.num_classes)]
-        return imagenet_classes.readable_class_names(names)
+        names = imagenet_classes.readable_class_names(names)
+        counts = collections.Counter(names)
+        return [f"{name} ({i})" if counts[name] > 1 else name for i, name in enumerate(names)]
 
     def finalize_eval(self, sums: Mapping[str, np.ndarray],
                       records: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:

@@ -513,8 +513,8 @@ def evaluate(experiment: Experiment, state: TrainState, *, include_ema: bool) ->
 
 
 def _summary(metrics: dict[str, float]) -> str:
-    """"eval/top1=... eval_ema/top1=..." of the top-level metrics ("<weight set>/<name>"); the
-    breakdowns ("eval/top1/<class>") are left to :func:`_breakdown_tables`."""
+    """The top-level metrics ("<weight set>/<name>") as one line, ``eval/top1=... eval_ema/top1=...``;
+    the breakdowns ("eval/top1/<class>") are left to :func:`_breakdown_tables`."""
     return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.count("/") <= 1)
 
 
@@ -664,7 +664,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     train_execs = experiment.compile_train_steps()
     experiment.compile_eval_steps()
     if task.bn_reestimation_batch_size():
-        experiment.bn_reestimation_executable  # compiled at start-up too (fail fast)
+        _ = experiment.bn_reestimation_executable  # compiled at start-up too (fail fast)
     specs = {res: task.train_batch_spec(config.global_batch_size, res) for res in train_execs}
 
     start_step = int(jax.device_get(state.step))
