@@ -161,10 +161,10 @@ class ClassificationTask(DatasetTask):
                              "dataset prepared by python -m evit_jax.data.prepare image_folder --name NAME --src DIR "
                              "--data_dir D.")
         super().check_data()
-        n = self.bn_reestimation_batch_size()
-        if n and n > self.info.split_sizes[self.config.data.train_split.split("[")[0]]:
-            raise ValueError(f"config.reset_bn.global_batch_size={n} exceeds the training split's "
-                             f"{self.info.split_sizes[self.config.data.train_split.split('[')[0]]} images; lower it.")
+        batch = self.bn_reestimation_batch_size()
+        if batch and batch > (train_size := self.num_train_examples()):
+            raise ValueError(f"config.reset_bn.global_batch_size={batch} exceeds the training split's {train_size} "
+                             "images; lower it.")
 
     def train_resolutions(self):
         return [(int(s), int(s)) for s in self.config.data.image_sizes]
