@@ -31,7 +31,7 @@ from evit_jax.export.__main__ import main as export_main
 from evit_jax.export.api import compare, random_inputs
 from evit_jax.export.onnx_graph import dynamic_shape_nodes
 from evit_jax.export.serving import load_variables, serving_function
-from evit_jax.tasks.classification import IMAGENET_MEAN, IMAGENET_STD
+from evit_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 TOLERANCE = 1e-4
 CASES = {  # name: (model, height, width)
