@@ -110,14 +110,21 @@ def test_fast_gradients_equal_lax_bfloat16(name, shape_x, shape_k, stride, group
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=5e-2, atol=2e-2 * scale)
 
 
-# Depthwise custom VJP on shapes the model cases above do not reach: batch sizes that give 1 slab (a
-# prime above MAX_KERNEL_GRAD_SLABS), several, and 16 (the cap); stride 3; padding 0 and k - 1 (input
-# gradient phases without taps, cotangent padding that is cropped); 1 x 1 spatial maps.
-DEPTHWISE_CASES = [
-    (batch, (h, w), k, stride, padding)
-    for batch, (h, w) in ((1, (5, 9)), (6, (7, 8)), (17, (4, 4)), (32, (6, 5)), (3, (1, 1)))
-    for k, stride, padding in ((3, 1, 1), (3, 2, 1), (5, 1, 2), (5, 2, 2), (3, 2, 0), (3, 1, 2), (5, 3, 2), (1, 2, 0))
-    if min(h, w) + 2 * padding >= k
+# Depthwise custom VJP on shapes the model cases above do not reach: batch sizes that give 1 slab (1, and
+# 17: a prime above MAX_KERNEL_GRAD_SLABS), several (6) and 16 (32 = 16 slabs of 2); strides 1, 2, 3;
+# padding 0 and k - 1 (a larger output: the input gradient crops the padded cotangent); 1 x 1 maps; a 1 x 1
+# kernel with stride 2 (input-gradient phases without taps).
+DEPTHWISE_CASES = [  # (batch, (h, w), k, stride, padding)
+    (1, (5, 9), 3, 2, 1),
+    (17, (4, 4), 5, 1, 2),
+    (32, (6, 5), 3, 2, 1),
+    (6, (7, 8), 5, 2, 2),
+    (6, (7, 8), 3, 2, 0),
+    (6, (7, 8), 3, 1, 2),
+    (4, (7, 8), 5, 3, 2),
+    (3, (1, 1), 3, 1, 1),
+    (3, (1, 1), 5, 2, 2),
+    (2, (6, 6), 1, 2, 0),
 ]
 
 
@@ -125,11 +132,19 @@ DEPTHWISE_CASES = [
 def test_depthwise_custom_vjp_equals_lax(batch, hw, k, stride, padding, highest_precision):
     channels = 5
     x, kernel = _inputs((batch, *hw, channels), (k, k, 1, channels), seed=batch + k)
-    want_y, want_vjp = jax.vjp(lambda x, w: ops.lax_conv2d(x, w, stride, padding, channels), x, kernel)
-    probe = jax.random.normal(jax.random.PRNGKey(7), want_y.shape)
-    got_y, got_vjp = jax.vjp(lambda x, w: ops.depthwise_conv2d(x, w, stride, padding), x, kernel)
+
+    def value_and_vjp(conv):
+        @jax.jit
+        def run(x, kernel, probe):
+            y, vjp = jax.vjp(conv, x, kernel)
+            return y, vjp(probe)
+        return run
+
+    probe = jax.random.normal(jax.random.PRNGKey(7), ops.lax_conv2d(x, kernel, stride, padding, channels).shape)
+    want_y, want_grads = value_and_vjp(lambda x, w: ops.lax_conv2d(x, w, stride, padding, channels))(x, kernel, probe)
+    got_y, got_grads = value_and_vjp(lambda x, w: ops.depthwise_conv2d(x, w, stride, padding))(x, kernel, probe)
     np.testing.assert_allclose(np.asarray(got_y), np.asarray(want_y), **F32_TOL)
-    for g, w in zip(got_vjp(probe), want_vjp(probe)):
+    for g, w in zip(got_grads, want_grads):
         assert g.shape == w.shape and g.dtype == w.dtype
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), **F32_TOL)
 
