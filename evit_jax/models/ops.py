@@ -100,23 +100,23 @@ def depthwise_kernel_grad(xp: jax.Array, cotangent: jax.Array, kh: int, kw: int,
     tap (one fused pass over the window, vectorised over channels, that leaves 1/16 of the data), and one
     reduction of the stacked partial sums finishes. Reducing each tap's product over (B, H, W) directly
     is a column reduction that XLA:CPU neither fuses with the shifted window nor vectorises (5-10x slower).
-    Every window is sliced straight from the slab view of xp: a reshape of a strided window would make
-    XLA materialise the window first.
+    Every window is sliced per slab straight from xp: a reshape of a strided window makes XLA materialise
+    the window, and a reshape of xp makes it recompute xp's producer for the backward.
     """
     batch, h_out, w_out, channels = cotangent.shape
     slabs = _largest_divisor_at_most(batch, MAX_KERNEL_GRAD_SLABS)
     per_slab = batch // slabs
-    g = cotangent.astype(jnp.float32).reshape(slabs, per_slab, h_out, w_out, channels)
-    x = xp.reshape(slabs, per_slab, *xp.shape[1:])
+    g = cotangent.astype(jnp.float32)
     partial_sums = []
     for i in range(kh):
         for j in range(kw):
             acc = None
             for u in range(slabs):
-                window = lax.slice(x, (u, 0, i, j, 0),
-                                   (u + 1, per_slab, i + (h_out - 1) * stride + 1, j + (w_out - 1) * stride + 1,
-                                    channels), (1, 1, stride, stride, 1))
-                term = window[0].astype(jnp.float32) * g[u]
+                rows = (u * per_slab, (u + 1) * per_slab)
+                window = lax.slice(xp, (rows[0], i, j, 0),
+                                   (rows[1], i + (h_out - 1) * stride + 1, j + (w_out - 1) * stride + 1, channels),
+                                   (1, stride, stride, 1))
+                term = window.astype(jnp.float32) * g[rows[0]:rows[1]]
                 acc = term if acc is None else acc + term
             partial_sums.append(acc)
     return jnp.sum(jnp.stack(partial_sums), axis=(1, 2, 3)).reshape(kh, kw, 1, channels)
@@ -279,18 +279,28 @@ def _pointwise_fwd(x, kernel, groups):
 
 
 def _pointwise_bwd(groups, residuals, cotangent):
-    x, kernel = residuals
+    # Materialised as they are: otherwise XLA fuses their producers (for LiteMLA's grouped 1x1: the 5x5
+    # depthwise sum, the attention's backward) into the transposed copies the weight gradient reads, and
+    # recomputes them in strided order.
+    x, kernel, cotangent = lax.optimization_barrier((*residuals, cotangent))
     c_in_per_group, c_out = kernel.shape[2], kernel.shape[3]
+    c_out_per_group = c_out // groups
     w = kernel.reshape(c_in_per_group, c_out)
     n = x.size // x.shape[-1]
     if groups == 1:
         dx = jnp.einsum("bhwd,cd->bhwc", cotangent, w)
         dw = row_blocked_gram(x.reshape(n, c_in_per_group), cotangent.reshape(n, c_out))
+        return dx.astype(x.dtype), dw.reshape(kernel.shape).astype(kernel.dtype)
+    g = cotangent.reshape(*cotangent.shape[:3], groups, c_out_per_group)
+    if c_out_per_group <= MAX_BROADCAST_GROUP_CHANNELS:
+        # The input gradient is the grouped 1x1 convolution of the cotangent with each group's kernel
+        # transposed: (C_out/G, G * C_in/G), in the broadcast form of the forward (no group-major copies).
+        transposed = w.reshape(c_in_per_group, groups, c_out_per_group).transpose(2, 1, 0)
+        dx = grouped_pointwise_conv2d_broadcast(cotangent, transposed.reshape(1, 1, c_out_per_group, -1), groups)
     else:
-        g = cotangent.reshape(*cotangent.shape[:3], groups, c_out // groups)
         dx = jnp.einsum("bhwgd,gcd->bhwgc", g, _group_major(w, groups)).reshape(x.shape)
-        dw_groups = row_blocked_gram(x.reshape(n, groups, c_in_per_group), g.reshape(n, groups, c_out // groups))
-        dw = dw_groups.transpose(1, 0, 2).reshape(c_in_per_group, c_out)
+    dw_groups = row_blocked_gram(x.reshape(n, groups, c_in_per_group), g.reshape(n, groups, c_out_per_group))
+    dw = dw_groups.transpose(1, 0, 2).reshape(c_in_per_group, c_out)
     return dx.astype(x.dtype), dw.reshape(kernel.shape).astype(kernel.dtype)
 
 
