@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: by device kind)")
     p.add_argument("--conv-impl", choices=("auto", "lax", "fast"), default="auto", help="see evit_jax.models.ops")
     p.add_argument("--all", action="store_true", help="print params and GMACs of every model as a Markdown table")
+    p.add_argument("--no-retain-memory", action="store_true",
+                   help="keep glibc's default of unmapping freed blocks above 32 MiB "
+                        "(see evit_jax.tools.train_bench.retain_freed_memory)")
     return p
 
 
@@ -316,6 +319,10 @@ def main(argv: Sequence[str] | None = None) -> Any:
     args = build_parser().parse_args(argv)
     if args.all:
         return model_table()
+    if not args.no_retain_memory:
+        from evit_jax.tools.train_bench import retain_freed_memory  # noqa: PLC0415
+
+        retain_freed_memory()
     return benchmark(args.model, args.batch, args.res, dtype=args.dtype, iters=args.iters, warmup=args.warmup,
                      compare_timm=args.compare_timm, peak=args.peak_tflops, conv_impl=args.conv_impl)
 
