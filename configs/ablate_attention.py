@@ -3,19 +3,19 @@
     python -m evit_jax.ablation --config=configs/ablate_attention.py --workdir=/tmp/ablate
     python -m evit_jax.ablation --config=configs/ablate_attention.py:smoke --workdir=/tmp/ablate_smoke
 
-`evit_jax.ablation` trains each entry of ``ablation.variants`` with the normal entry point
+`evit_jax.ablation` trains each entry of ``get_ablation().variants`` with the normal entry point
 (``python -m evit_jax.main --config=<this file>:<arg> --workdir=WORKDIR/<variant>
 --config.model.name=... --config.model.attention=...``) and writes ONE comparison table
-(WORKDIR/ablation.csv and WORKDIR/ablation.md). This file is also a plain run config: main ignores the
-``ablation`` block.
+(WORKDIR/ablation.csv and WORKDIR/ablation.md). ``get_config`` is the run config every variant
+trains with; ``get_ablation`` is the sweep (read only by the runner).
 
 Base recipe: configs/demo.py (EfficientViT-B0 on the built-in `evit_shapes` at 32 px, 1600 steps);
 ``:smoke`` uses demo's seconds-long `evit_shapes/tiny` recipe (6 steps, 32 px) for tests.
 
-``ablation.variants``: comma-separated entries ``[model_name@]attention_spec``. The attention spec is
+``get_ablation().variants``: comma-separated entries ``[model_name@]attention_spec``. The attention spec is
 any string `create_model(attention=...)` accepts (see evit_jax/models/attention_kernels.py); a model
 name prefix selects another model for that entry (e.g. the paper-v1 design ``efficientvit_v1_b0@...``).
-Override on the command line: ``--config.ablation.variants='relu_linear,softmax'``.
+Override on the command line: ``--variants='relu_linear,softmax'``.
 """
 
 from __future__ import annotations
@@ -38,12 +38,22 @@ DEFAULT_VARIANTS = ",".join([
 ])
 
 
-def get_config(arg: str = "") -> ml_collections.ConfigDict:
+def _check_arg(arg: str) -> None:
     if arg not in ("", "smoke"):
         raise ValueError(f"configs/ablate_attention.py takes '' or 'smoke', got {arg!r}.")
-    c = demo.get_config(arg)
-    with c.unlocked():
-        c.ablation = ml_collections.ConfigDict()
-        c.ablation.variants = DEFAULT_VARIANTS
-        c.ablation.gmacs_resolutions = (224, 1024)  # GMACs columns of the table
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    """The run config every variant trains with (configs/demo.py's recipe)."""
+    _check_arg(arg)
+    return demo.get_config(arg)
+
+
+def get_ablation(arg: str = "") -> ml_collections.ConfigDict:
+    """What `evit_jax.ablation` sweeps: read by the sweep runner, never by the training task."""
+    _check_arg(arg)
+    c = ml_collections.ConfigDict()
+    c.variants = DEFAULT_VARIANTS
+    c.gmacs_resolutions = (224, 1024)  # GMACs columns of the table
+    c.lock()
     return c

@@ -14,8 +14,8 @@ import os
 from configs import common
 
 
-def get_config(arg: str = "") -> "ml_collections.ConfigDict":
-    c = common.get_base_config()
+def get_config(arg: str = ""):
+    c = common.base_config("classification")
     c.model.name = "efficientvit_b0"
     c.data.name = "evit_shapes"
     c.data.data_dir = os.environ.get("EVIT_DATA_DIR", "~/tensorflow_datasets")

@@ -36,7 +36,7 @@ def get_config(arg: str = "b1"):
     if variant not in _RECIPES:
         raise ValueError(f"configs/imagenet.py takes one of {sorted(_RECIPES)}, got {arg!r}.")
     base_lr, alpha, drop_path, skip, crop, dtype = _RECIPES[variant]
-    c = common.get_base_config()
+    c = common.base_config("classification")
     c.model.name = f"efficientvit_{variant}"
     c.model.drop_path_rate = drop_path
     c.model.drop_path_skip = skip

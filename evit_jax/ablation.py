@@ -4,14 +4,14 @@
         [--variants='relu_linear,softmax'] [--config.<key>=<value> ...]
 
 For each variant (``[model_name@]attention_spec``, from ``--variants`` or the config's
-``ablation.variants``) a subprocess runs
+``get_ablation().variants`` of the config file) a subprocess runs
 
     python -m evit_jax.main --config=<config> --workdir=DIR/<variant slug> \
         --config.model.name=<model> --config.model.attention=<spec> [--config.<key>=<value> ...]
 
 so every variant sees the same data, seed and recipe (a finished variant is resumed, i.e. only
 re-evaluated). The runner then reads DIR/<slug>/metrics.jsonl and writes DIR/ablation.csv and
-DIR/ablation.md with: variant, model, attention, params, GMACs at each of ``ablation.gmacs_resolutions``
+DIR/ablation.md with: variant, model, attention, params, GMACs at each of ``get_ablation().gmacs_resolutions``
 (224 and 1024 by default; analytic count of convs, linears and attention matmuls, evit_jax.models.flops), final
 top-1 (raw and EMA weights), train images/s (median of the logged windows after the first, which holds
 compilation) and the status. The child's output goes to DIR/<slug>/train.log.
@@ -36,8 +36,9 @@ TABLE_FIELDS = ("variant", "model", "attention", "params_m", "gmacs_224", "gmacs
                 "train_images_per_s", "status")
 
 
-def load_config_file(config_arg: str):
-    """`configs/x.py[:arg]` -> the ConfigDict its get_config(arg) returns (as ml_collections' config_flags)."""
+def load_config_file(config_arg: str, function: str = "get_config"):
+    """`configs/x.py[:arg]` -> the ConfigDict its `function(arg)` returns (get_config: as ml_collections'
+    config_flags; get_ablation: the sweep's own settings)."""
     path, _, arg = config_arg.partition(":")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist (give --config=configs/ablate_attention.py)")
@@ -47,7 +48,10 @@ def load_config_file(config_arg: str):
     spec = importlib.util.spec_from_file_location("_ablation_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    if not hasattr(module, function):
+        raise ValueError(f"{path} has no {function}(); an ablation config defines get_config (the run) and "
+                         "get_ablation (variants, gmacs_resolutions), see configs/ablate_attention.py.")
+    return getattr(module, function)(arg) if arg else getattr(module, function)()
 
 
 def parse_variant(text: str, default_model: str) -> tuple[str, str]:
@@ -76,7 +80,7 @@ def validate_variants(variants: Sequence[str], default_model: str) -> list[tuple
         seen.add(label)
         out.append((label, model, spec))
     if not out:
-        raise ValueError("the ablation has no variants; set ablation.variants or --variants")
+        raise ValueError("the ablation has no variants; set get_ablation().variants in the config file or pass --variants")
     return out
 
 
@@ -174,11 +178,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     from evit_jax.models.attention_kernels import split_attention_specs
 
     config = load_config_file(args.config)
-    variants_text = args.variants if args.variants is not None else config.get("ablation", {}).get("variants", "")
+    sweep = load_config_file(args.config, "get_ablation")
+    variants_text = args.variants if args.variants is not None else sweep.variants
     if not variants_text:
-        raise ValueError(f"{args.config} has no ablation.variants; pass --variants='relu_linear,softmax'")
+        raise ValueError(f"{args.config} has no variants; pass --variants='relu_linear,softmax'")
     variants = validate_variants(split_attention_specs(variants_text), config.model.name)
-    gmacs_res = tuple(config.ablation.gmacs_resolutions) if "ablation" in config else (224, 1024)
+    gmacs_res = tuple(sweep.gmacs_resolutions)
     num_classes = _num_classes(config)  # FileNotFoundError with the prepare command for a missing dataset
     os.makedirs(args.workdir, exist_ok=True)
 

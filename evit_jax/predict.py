@@ -4,10 +4,13 @@
         --checkpoint efficientvit_seg_b1_cityscapes.pt street.jpg --out street_mask.png
     python -m evit_jax.predict --model efficientvit_b1 --checkpoint efficientvit_b1_r224.pt cat.jpg
     python -m evit_jax.predict --model efficientvit_seg_b0_cityscapes --checkpoint /tmp/evit_seg_demo scene.png
+    python -m evit_jax.predict --checkpoint hub:efficientvit_b1.r224_in1k cat.jpg
 
 --checkpoint is an official/timm PyTorch file (.pt/.pth/.safetensors), a directory written by
-``evit_jax.convert.save_variables``, or a training workdir of ``evit_jax.main`` (its latest
-checkpoint; ``--ema`` takes the EMA weights).
+``evit_jax.convert.save_variables``, a training workdir of ``evit_jax.main`` (its latest
+checkpoint; ``--ema`` takes the EMA weights), or ``hub:NAME``: published weights by name
+(``evit_jax.convert.hub``), downloaded and converted once; --model is then optional and the
+weights' own input size, crop ratio and numerics are the defaults.
 
 Segmentation models write a class-colour mask (``--out``, default ``<image>_mask.png``) and an
 overlay on the image (``<out>_overlay.png``), both at the input's size, and print the share of
@@ -15,14 +18,15 @@ each predicted class. The image is resized (bicubic, as the official evaluation)
 short side is ``--short_side`` (default: 1024 for Cityscapes models, 512 for ADE20K, the
 training eval size for a workdir) and both sides are multiples of 32; the logits are resized
 back to the input's size with the PyTorch-equivalent bicubic before the argmax.
-Classification models print the top-5 classes (names when the workdir's dataset has them,
-indices otherwise) after the official resize + centre crop (``--image_size``, ``--crop_ratio``).
+Classification models print the top-5 classes after the official resize + centre crop
+(``--image_size``, ``--crop_ratio``), with their names: the workdir's dataset's, or ImageNet's
+for a 1000-class model (``evit_jax.data.imagenet_classes``); indices when none are known.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import math
 import os
 import sys
@@ -97,15 +101,17 @@ def _workdir_variables(workdir: Path, model_name: str, use_ema: bool) -> tuple[d
 
 
 def load_weights(checkpoint: str, model_name: str, use_ema: bool) -> tuple[dict, dict]:
-    """(variables, run config or {}) from any supported checkpoint path."""
+    """(variables, run config or {}) from any supported checkpoint path or ``hub:NAME``."""
+    from evit_jax.convert import is_hub_spec, load_variables, resolve_checkpoint
+
+    if is_hub_spec(checkpoint):
+        return load_variables(resolve_checkpoint(checkpoint), model_name, use_ema=use_ema), {}
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise PredictError(f"--checkpoint {checkpoint} does not exist (give a .pt/.pth/.safetensors file, a "
                            "converted directory or a training workdir).")
     if path.is_dir() and (path / "run_info.json").exists():
         return _workdir_variables(path, model_name, use_ema)
-    from evit_jax.convert import load_variables
-
     return load_variables(str(path), model_name, use_ema=use_ema), {}
 
 
@@ -119,8 +125,13 @@ def infer_num_classes(task: str, params: dict) -> int:
 
 
 def class_names_for(spec, num_classes: int, run_config: dict) -> list[str] | None:
-    """Class names when known: the official datasets' names, or the workdir's dataset ones."""
+    """Class names when known: the official datasets' names, the workdir's dataset ones (ImageNet
+    synset ids made readable), or ImageNet's for a 1000-class classifier not trained here on
+    another dataset."""
+    from evit_jax.data import imagenet_classes
+
     names = None
+    dataset = run_config.get("data", {}).get("name")
     if spec.dataset in ("cityscapes", "ade20k") and not run_config:
         module = __import__(f"evit_jax.data.{spec.dataset}", fromlist=["CLASS_NAMES"])
         names = list(module.CLASS_NAMES)
@@ -130,44 +141,61 @@ def class_names_for(spec, num_classes: int, run_config: dict) -> list[str] | Non
         data_dir = os.path.expanduser(data.get("data_dir", "~/tensorflow_datasets"))
         try:  # build=False: predicting reads a dataset that is there, never builds one
             info = sources.get_info(data["name"], data_dir, build=False)
-            names = list(info.class_names) if info.class_names else None
+            names = imagenet_classes.readable_class_names(info.class_names) if info.class_names else None
         except (FileNotFoundError, ValueError):
             names = None
+    if (names is None and spec.task == "classification" and dataset in (None, "imagenet2012")
+            and num_classes == imagenet_classes.NUM_IMAGENET_CLASSES):
+        names = list(imagenet_classes.imagenet_class_names())
     return names if names is not None and len(names) == num_classes else None
 
 
 # ---------------------------------------------------------------------------- predict
-def predict_segmentation(model, variables, image: np.ndarray, short_side: int) -> np.ndarray:
-    """uint8 (H, W, 3) -> int32 (H, W) class ids at the input's size."""
+# One jitted forward per model (Flax modules hash and compare by their fields), kept for the
+# process: every image of a folder reuses it, and XLA compiles once per input shape.
+@functools.lru_cache(maxsize=8)
+def _segmentation_forward(model):
     import jax
     import jax.numpy as jnp
 
-    from evit_jax.data import seg_transforms
-    from evit_jax.tasks.classification import normalize_images
+    from evit_jax.data.transforms import normalize_images
     from evit_jax.tasks.segmentation import upsampled_argmax
 
-    h, w = image.shape[:2]
-    size = seg_input_size(h, w, short_side)
-    resized = seg_transforms.resize_image(image, size, "bicubic")
-
-    @jax.jit
-    def run(variables, x):
+    def segment(variables, x, out_hw):
         logits = model.apply(variables, normalize_images(x), train=False)
-        return upsampled_argmax(logits, jnp.array([size], jnp.int32), jnp.array([[h, w]], jnp.int32), (h, w))
+        return upsampled_argmax(logits, jnp.array([x.shape[1:3]], jnp.int32), jnp.array([out_hw], jnp.int32), out_hw)
 
-    return np.asarray(run(variables, resized[None]))[0]
+    return jax.jit(segment, static_argnums=2)
+
+
+@functools.lru_cache(maxsize=8)
+def _classification_forward(model):
+    import jax
+
+    from evit_jax.data.transforms import normalize_images
+
+    def classify(variables, x):
+        logits = model.apply(variables, normalize_images(x), train=False)
+        return jax.nn.softmax(logits.astype("float32"), axis=-1)
+
+    return jax.jit(classify)
+
+
+def predict_segmentation(model, variables, image: np.ndarray, short_side: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> int32 (H, W) class ids at the input's size."""
+    from evit_jax.data import seg_transforms
+
+    h, w = image.shape[:2]
+    resized = seg_transforms.resize_image(image, seg_input_size(h, w, short_side), "bicubic")
+    return np.asarray(_segmentation_forward(model)(variables, resized[None], (h, w)))[0]
 
 
 def predict_classification(model, variables, image: np.ndarray, image_size: int, crop_ratio: float) -> np.ndarray:
     """uint8 (H, W, 3) -> float32 (num_classes,) softmax probabilities."""
-    import jax
-
     from evit_jax.data import transforms
-    from evit_jax.tasks.classification import normalize_images
 
     x = transforms.resize_center_crop(image, image_size, crop_ratio)
-    logits = jax.jit(lambda v, x: model.apply(v, normalize_images(x), train=False))(variables, x[None])
-    return np.asarray(jax.nn.softmax(logits[0].astype("float32")))
+    return np.asarray(_classification_forward(model)(variables, x[None]))[0]
 
 
 def colour_mask(mask: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -196,8 +224,10 @@ def _read_image(path: Path) -> np.ndarray:
 def run(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evit_jax.predict", description=__doc__.split("\n")[0])
     parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--model", required=True, help="model name (evit_jax.models.list_models())")
-    parser.add_argument("--checkpoint", required=True, help=".pt/.pth/.safetensors, converted dir or workdir")
+    parser.add_argument("--model", default=None,
+                        help="model name (evit_jax.models.list_models()); optional with --checkpoint hub:NAME")
+    parser.add_argument("--checkpoint", required=True,
+                        help=".pt/.pth/.safetensors, converted dir, workdir, or hub:NAME (published weights)")
     parser.add_argument("--out", default=None, help="segmentation: mask path (one image only)")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
     parser.add_argument("--short_side", type=int, default=None,
@@ -214,9 +244,16 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    from evit_jax.convert import find_weights, is_hub_spec
     from evit_jax.models import create_model, get_model_spec
 
-    spec = get_model_spec(args.model)  # ValueError with close matches
+    published = find_weights(args.checkpoint) if is_hub_spec(args.checkpoint) else None  # ValueError: one line
+    if args.model is None and published is None:
+        raise PredictError("--model is required unless --checkpoint is hub:NAME.")
+    spec = get_model_spec(args.model or published.model)  # ValueError with close matches
+    if published is not None and spec.name != published.model:
+        raise PredictError(f"--checkpoint {args.checkpoint} holds {published.model} weights, not {spec.name}; "
+                           f"drop --model or pass --model {published.model}.")
     if spec.task == "backbone":
         raise PredictError(f"{spec.name} is a bare backbone; use a classification or segmentation model.")
     images = [Path(p) for p in args.images]
@@ -232,7 +269,9 @@ def _run(args) -> int:
 
     variables, run_config = load_weights(args.checkpoint, spec.name, args.ema)
     num_classes = infer_num_classes(spec.task, variables["params"])
-    model = create_model(spec.name, num_classes=num_classes)
+    # Published weights run with the numerics their accuracy was measured with (timm's for timm's files).
+    model = create_model(spec.name, num_classes=num_classes,
+                         **({"numerics": published.numerics} if published is not None else {}))
     names = class_names_for(spec, num_classes, run_config)
     data_cfg = run_config.get("data", {})
 
@@ -241,6 +280,8 @@ def _run(args) -> int:
             short_side = args.short_side
         elif data_cfg:
             short_side = 0 if data_cfg.get("eval_protocol") == "none" else int(data_cfg.get("eval_crop_size", 0))
+        elif published is not None:
+            short_side = min(published.input_size)
         else:
             short_side = {"cityscapes": 1024, "ade20k": 512}.get(spec.dataset, 0)
         palette = palette_for(spec.dataset if not data_cfg else data_cfg.get("name"), num_classes)
@@ -258,16 +299,20 @@ def _run(args) -> int:
                               for i, c in sorted(zip(ids, counts), key=lambda t: -t[1]))
             print(f"{path}: {mask.shape[0]}x{mask.shape[1]} -> {mask_path}, {overlay_path} ({share})")
     else:
-        image_size = args.image_size or int(data_cfg.get("eval_image_size", 224))
-        crop_ratio = args.crop_ratio or float(data_cfg.get("eval_crop_ratio", 0.95 if spec.variant == "b1" else 1.0))
+        if published is not None:  # the weights' own evaluation settings
+            image_size = args.image_size or published.input_size[0]
+            crop_ratio = args.crop_ratio or published.crop_ratio
+        else:
+            image_size = args.image_size or int(data_cfg.get("eval_image_size", 224))
+            crop_ratio = args.crop_ratio or float(data_cfg.get("eval_crop_ratio", 0.95 if spec.variant == "b1" else 1.0))
         k = max(1, min(args.top_k, num_classes))
         for path in images:
             probs = predict_classification(model, variables, _read_image(path), image_size, crop_ratio)
             top = np.argsort(-probs)[:k]
             print(f"{path}:")
             for rank, c in enumerate(top, 1):
-                label = f"{c} {names[c]}" if names else f"{c}"
-                print(f"  {rank}. class {label}  p={probs[c]:.4f}")
+                label = f"{names[c]} (class {c})" if names else f"class {c}"
+                print(f"  {rank}. {label}  p={probs[c]:.4f}")
     return 0
 
 

@@ -67,6 +67,35 @@ def register_tiny_model() -> None:
                    lambda options: tiny_cls(num_classes=options.classes(), dtype=options.cfg.dtype))
 
 
+def example_records(outputs, targets, batch) -> dict:
+    """Per-example eval records for tests of Task.eval_records on a classifier: the predicted
+    class, the label and the image's pixel sum (which identifies the example)."""
+    import jax.numpy as jnp
+
+    return {"pred": jnp.argmax(outputs, axis=-1).astype(jnp.int32), "label": batch["label"],
+            "pixel_sum": jnp.sum(batch["image"].astype(jnp.int32), axis=(1, 2, 3))}
+
+
+def record_classification_eval(out_dir: str) -> None:
+    """Makes the classification task return :func:`example_records` and save the records of
+    every evaluation, as seen by finalize_eval, to OUT_DIR/records_p<process>_<n>.npz."""
+    import jax
+    import numpy as np
+
+    from evit_jax.tasks.classification import ClassificationTask
+
+    finalize = ClassificationTask.finalize_eval
+    calls = []
+
+    def finalize_eval(self, sums, records=None):
+        np.savez(os.path.join(out_dir, f"records_p{jax.process_index()}_{len(calls)}.npz"), **records)
+        calls.append(1)
+        return finalize(self, sums, records)
+
+    ClassificationTask.eval_records = lambda self, outputs, targets, batch: example_records(outputs, targets, batch)
+    ClassificationTask.finalize_eval = finalize_eval
+
+
 def env_for(devices: int = 1, **extra: str) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -87,17 +116,29 @@ def main_command(workdir: str, data_dir: str, *overrides: str, config: str = "co
 
 
 def run_main(workdir: str, data_dir: str, *overrides: str, devices: int = 1, tiny: bool = True,
-             config: str = "configs/demo.py:smoke", timeout: float = 300) -> subprocess.CompletedProcess:
+             config: str = "configs/demo.py:smoke", timeout: float = 300,
+             extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(main_command(workdir, data_dir, *overrides, config=config, tiny=tiny),
-                          cwd=REPO, env=env_for(devices), capture_output=True, text=True, timeout=timeout)
+                          cwd=REPO, env=env_for(devices, **(extra_env or {})), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def final_line(result: subprocess.CompletedProcess) -> str:
+    """The run's FINAL summary line without its wall time (which differs from run to run)."""
+    (line,) = [l for l in result.stdout.splitlines() if l.startswith("FINAL ")]
+    return " ".join(part for part in line.split() if not part.startswith("wall_s="))
 
 
 def read_metrics(workdir: str) -> dict[int, dict]:
-    """metrics.jsonl as {step: merged metrics}, later lines winning (a resumed run re-logs)."""
+    """metrics.jsonl as {step: merged metrics}, later lines winning (a resumed run re-logs);
+    a line cut short by a killed run is skipped, as the loop does."""
     out: dict[int, dict] = {}
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         for line in f:
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
             out.setdefault(record["step"], {}).update(record)
     return out
 

@@ -20,7 +20,8 @@ def test_config_lists_valid_variants():
     config = ablation.load_config_file(CONFIG)
     from evit_jax.models.attention_kernels import split_attention_specs
 
-    variants = ablation.validate_variants(split_attention_specs(config.ablation.variants), config.model.name)
+    sweep = ablation.load_config_file(CONFIG, "get_ablation")
+    variants = ablation.validate_variants(split_attention_specs(sweep.variants), config.model.name)
     labels = [v[0] for v in variants]
     assert {"relu_linear", "softmax", "elu_linear", "focused", "cosformer", "relu_linear(scales=(3, 5))",
             "efficientvit_v1_b0@relu_linear"} <= set(labels)
@@ -78,7 +79,9 @@ def test_one_variant_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     rows = ablation.main([f"--config={CONFIG}:smoke", f"--workdir={tmp_path / 'wd'}", "--variants=cosformer",
                           "--config.total_steps=2", "--config.log_every_steps=1"])
-    assert rows[0]["status"] == "ok" and 0 <= rows[0]["top1"] <= 100 and rows[0]["train_images_per_s"] > 0
+    final = [json.loads(line) for line in open(tmp_path / "wd" / "cosformer" / "metrics.jsonl") if "eval/top1" in line]
+    assert rows[0]["status"] == "ok" and rows[0]["train_images_per_s"] > 0
+    assert (rows[0]["top1"], rows[0]["top1_ema"]) == (final[-1]["eval/top1"], final[-1]["eval_ema/top1"])
     table = open(tmp_path / "wd" / "ablation.md").read()
     assert "| cosformer | efficientvit_b0 | cosformer |" in table
     assert os.path.exists(tmp_path / "wd" / "cosformer" / "metrics.jsonl")

@@ -19,7 +19,7 @@ from evit_jax.models.attention import LiteMLA
 from evit_jax.models.layers import LayerConfig
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _reference_weights import seeded_variables  # noqa: E402
+from _reference_weights import assert_close_to_torch, seeded_variables  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ["relu_linear", "softmax", "elu_linear", "focused", "focused(value_dwc=0, power=2)", "cosformer",
@@ -146,20 +146,19 @@ def test_spec_parsing_and_errors():
 
 @pytest.mark.parametrize("name,res,batch", [("efficientvit_b0", 160, 2), ("efficientvit_b0", 64, 2),
                                             ("efficientvit_backbone_l0", 224, 1)])
-def test_default_model_bit_identical_to_frozen_reference(name, res, batch, highest_precision):
+def test_default_model_equals_frozen_reference(name, res, batch, highest_precision):
     """Outputs recorded at commit 827a72c by tests/data/record_attention_reference.py (conv_impl="lax",
-    so that changes of the CPU fast-path formulations in ops.py do not move the reference). Recorded on
-    XLA:CPU, so bit-identity is asserted there only; other backends get float32 parity."""
+    so that changes of the CPU fast-path formulations in ops.py do not move the reference). Not bit for
+    bit: XLA:CPU's code depends on the host's instruction set (recorded on an Intel Xeon with AMX; an AMD
+    EPYC differs by ~1e-6 relative), so float32 rounding is allowed and nothing more (a changed kernel,
+    eps or layer moves the outputs by orders of magnitude more)."""
     reference = np.load(os.path.join(os.path.dirname(__file__), "data", "attention_default_reference.npz"))
     model = create_model(name, conv_impl="lax")
     x = jnp.asarray(np.random.default_rng(1).standard_normal((batch, res, res, 3), np.float32))
     variables = seeded_variables(model, x.shape, seed=0)
     y = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
     y = y["stage_final"] if isinstance(y, dict) else y
-    if jax.default_backend() == "cpu":
-        np.testing.assert_array_equal(np.asarray(y), reference[f"{name}_{res}"])
-    else:
-        np.testing.assert_allclose(np.asarray(y), reference[f"{name}_{res}"], rtol=1e-4, atol=1e-5)
+    assert_close_to_torch(y, reference[f"{name}_{res}"])
 
 
 _TRAIN_SCRIPT = textwrap.dedent("""

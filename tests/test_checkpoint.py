@@ -1,6 +1,7 @@
 """Checkpoints end to end (subprocesses of evit_jax.main with the tiny test model):
-exact resume after SIGKILL, SIGTERM -> save and clean exit, a crash during a save, and the
-workdir/model guard."""
+exact resume after SIGKILL, SIGTERM -> save and clean exit (also at a step just saved), a
+crash during a save, starting a finished run again (also one killed before its final
+evaluation), and the workdir/model guard."""
 
 import os
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 
 from tests import _train_helpers as h
 
@@ -40,11 +42,29 @@ def _wait_for_step(workdir, step, proc, timeout=240):
     raise AssertionError("timed out")
 
 
-def test_resume_after_sigkill_is_exact(tmp_path, data_dir):
-    ref = str(tmp_path / "ref")
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """An uninterrupted run of STEPS steps: (workdir, completed process)."""
+    ref = str(tmp_path_factory.mktemp("ref") / "ref")
     result = h.run_main(ref, data_dir, *_overrides())
     assert result.returncode == 0, result.stderr[-3000:]
+    return ref, result
 
+
+def _assert_same_run(ref, work):
+    """Same final state (bitwise), same train losses and final evaluation as the reference."""
+    ref_state, got_state = h.restore_raw_state(ref), h.restore_raw_state(work)
+    assert int(got_state["step"]) == STEPS
+    _assert_trees_equal(ref_state, got_state)  # params, BN stats, Adam moments, EMA, rng: bitwise
+    ref_m, got_m = h.read_metrics(ref), h.read_metrics(work)
+    for step in range(1, STEPS + 1):
+        assert got_m[step]["train/loss"] == ref_m[step]["train/loss"], step
+    assert got_m[STEPS]["eval/top1"] == ref_m[STEPS]["eval/top1"]
+    assert got_m[STEPS]["eval_ema/top1"] == ref_m[STEPS]["eval_ema/top1"]
+
+
+def test_resume_after_sigkill_is_exact(tmp_path, data_dir, reference):
+    ref, _ = reference
     work = str(tmp_path / "killed")
     # Killed after step 8 is logged: between checkpoints (every 3 steps), possibly mid-save.
     proc = subprocess.Popen(h.main_command(work, data_dir, *_overrides()), cwd=h.REPO, env=h.env_for(1),
@@ -61,15 +81,66 @@ def test_resume_after_sigkill_is_exact(tmp_path, data_dir):
     resumed = h.run_main(work, data_dir, *_overrides())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from the checkpoint of step" in resumed.stderr
+    _assert_same_run(ref, work)
 
-    ref_state, got_state = h.restore_raw_state(ref), h.restore_raw_state(work)
-    assert int(got_state["step"]) == STEPS
-    _assert_trees_equal(ref_state, got_state)  # params, BN stats, Adam moments, EMA, rng: bitwise
-    ref_m, got_m = h.read_metrics(ref), h.read_metrics(work)
-    for step in range(1, STEPS + 1):
-        assert got_m[step]["train/loss"] == ref_m[step]["train/loss"], step
-    assert got_m[STEPS]["eval/top1"] == ref_m[STEPS]["eval/top1"]
-    assert got_m[STEPS]["eval_ema/top1"] == ref_m[STEPS]["eval_ema/top1"]
+
+def test_sigterm_at_a_step_just_saved_exits_cleanly_and_resumes(tmp_path, data_dir, reference):
+    # The run sends itself SIGTERM right after the periodic save of step 6 (tests/_train_main.py),
+    # so it stops at a step that is already saved: the preemption save must skip it.
+    work = str(tmp_path / "term_after_save")
+    result = h.run_main(work, data_dir, *_overrides(), extra_env={"EVIT_TEST_SIGTERM_AFTER_SAVE": "6"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "preempted=True" in result.stdout and "step=6 " in result.stdout, result.stdout
+    assert int(h.restore_raw_state(work)["step"]) == 6
+    resumed = h.run_main(work, data_dir, *_overrides())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from the checkpoint of step 6" in resumed.stderr
+    _assert_same_run(reference[0], work)
+
+
+def test_starting_a_finished_run_again_reports_its_result(tmp_path, data_dir, reference):
+    ref, first = reference
+    work = str(tmp_path / "again")
+    shutil.copytree(ref, work)
+    logged = open(os.path.join(work, "metrics.jsonl")).read()
+    again = h.run_main(work, data_dir, *_overrides())
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert h.final_line(again) == h.final_line(first)
+    # Nothing trained, nothing compiled (what made the restart slow), nothing written.
+    assert "Compiled" not in again.stderr, again.stderr[-3000:]
+    assert open(os.path.join(work, "metrics.jsonl")).read() == logged
+    assert h.restore_raw_state(work)["step"] == STEPS
+
+
+def test_finished_run_killed_before_its_final_evaluation_only_evaluates(tmp_path, data_dir, reference):
+    ref, first = reference
+    work = str(tmp_path / "no_final_eval")
+    shutil.copytree(ref, work)
+    path = os.path.join(work, "metrics.jsonl")
+    lines = open(path).read().splitlines(keepends=True)
+    assert '"eval/top1"' in lines[-1] and '"step": %d,' % STEPS in lines[-1]  # the final evaluation
+    # Killed while writing it: the line is cut short (no newline).
+    open(path, "w").write("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+    result = h.run_main(work, data_dir, *_overrides())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Compiled eval step" in result.stderr and "Compiled train step" not in result.stderr
+    assert h.final_line(result) == h.final_line(first)
+    assert h.read_metrics(work)[STEPS] == h.read_metrics(ref)[STEPS]  # same checkpoint, same evaluation
+    # ... and the run is now complete: started again, it only reports.
+    again = h.run_main(work, data_dir, *_overrides())
+    assert again.returncode == 0 and "Compiled" not in again.stderr
+    assert h.final_line(again) == h.final_line(first)
+
+
+def test_checkpoint_past_the_schedule_is_refused(tmp_path, data_dir, reference):
+    work = str(tmp_path / "past")
+    shutil.copytree(reference[0], work)
+    before = sorted(os.listdir(work))
+    result = h.run_main(work, data_dir, *_overrides("--config.total_steps=6"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = h.last_error_line(result)
+    assert line.startswith("error:") and f"step {STEPS}" in line and "--config.mode=eval" in line, line
+    assert sorted(os.listdir(work)) == before
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):

@@ -1,52 +1,82 @@
-"""Run configs: the official ImageNet recipe per model, the demo, locking, schedule lengths."""
+"""Run configs: every config file builds a config its task accepts (config-only checks, no data),
+configs are locked, and the schedule rules."""
 
-import math
+import glob
+import importlib
+import os
 
-import ml_collections
 import pytest
 
-from configs import common, demo, imagenet
+from evit_jax.tasks import get_task
+from evit_jax.tasks.config import base_config, task_keys, tasks
 from evit_jax.train import loop, optim
 
-
-@pytest.mark.parametrize("variant", ["b0", "b1", "b2", "b3", "l1", "l2", "l3"])
-def test_imagenet_configs_build(variant):
-    c = imagenet.get_config(variant)
-    assert c.model.name == f"efficientvit_{variant}"
-    assert tuple(c.data.image_sizes) == (128, 160, 192, 224)
-    assert (c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay) == (0.9, 0.999, 1e-8, 0.1)
-    assert tuple(c.optim.no_decay_keys) == ("norm", "bias")
-    assert c.optim.grad_clip_value == 2.0
-    assert (c.num_epochs, c.warmup_epochs) == (300, 20)
-    assert c.loss.bce and c.loss.label_smoothing == 0.1
-    assert (c.ema.decay, c.ema.warmup_steps) == (0.9998, 2000.0)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SHARED = {"common", "seg_common"}
 
 
-def test_imagenet_per_model_values():
-    b1, b3, l1, l3 = (imagenet.get_config(v) for v in ("b1", "b3", "l1", "l3"))
-    assert b1.data.eval_crop_ratio == 0.95 and b3.data.eval_crop_ratio == 1.0 and l1.data.eval_crop_ratio == 1.0
-    assert (b1.mix.mixup_alpha, b3.mix.mixup_alpha, l1.mix.mixup_alpha, l3.mix.cutmix_alpha) == (0.1, 0.3, 0.2, 0.6)
-    assert (b1.model.drop_path_rate, b3.model.drop_path_rate, l1.model.drop_path_rate) == (0.05, 0.1, 0.1)
-    assert (l1.model.drop_path_skip, l3.model.drop_path_skip) == (2, 3)
-    # lr rule: base_lr x #GPUs at 128 images/GPU == base_lr x global_batch / 128.
-    assert optim.peak_learning_rate(b1.optim.base_lr, b1.global_batch_size, b1.optim.lr_reference_batch) == pytest.approx(4e-3)
-    assert optim.peak_learning_rate(l1.optim.base_lr, l1.global_batch_size, l1.optim.lr_reference_batch) == pytest.approx(2.4e-3)
-    assert l1.model.dtype == "bfloat16" and b1.model.dtype == "float32"
+def _config_files():
+    """(module name, arg) for every runnable config file and each arg it documents as valid."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
+        name = os.path.splitext(os.path.basename(path))[0]
+        if name in _SHARED or name.startswith("_"):
+            continue
+        module = importlib.import_module(f"configs.{name}")
+        args = getattr(module, "VARIANTS", None) or {"imagenet": ("b0", "b1", "b2", "b3", "l1", "l2", "l3")}.get(
+            name, ("", "smoke"))
+        out += [(name, arg) for arg in args]
+    return out
+
+
+@pytest.mark.parametrize("name,arg", _config_files())
+def test_every_config_passes_its_task_config_checks(name, arg):
+    """Keys exactly those of its task, model of that task, sizes legal: what setup_experiment checks
+    before it touches devices or data."""
+    config = importlib.import_module(f"configs.{name}").get_config(arg)
+    get_task(config).check_config()
+
+
+def test_bad_config_args_are_one_clear_error():
+    from configs import demo, imagenet
+
     with pytest.raises(ValueError, match="b9"):
         imagenet.get_config("b9")
+    with pytest.raises(ValueError, match="nope"):
+        demo.get_config("nope")
 
 
 def test_configs_are_locked():
-    for c in (imagenet.get_config("b1"), demo.get_config(), demo.get_config("smoke"), common.get_base_config()):
+    from configs import demo, imagenet
+
+    for c in [imagenet.get_config("b1"), demo.get_config("smoke")] + [base_config(t) for t in tasks()]:
         with pytest.raises(AttributeError):
             c.optim.lrr = 1.0
         with pytest.raises(AttributeError):
             c.unknown_key = 1
-    with pytest.raises(ValueError):
-        demo.get_config("nope")
+
+
+def test_each_task_has_its_own_keys_only():
+    cls, seg = task_keys("classification"), task_keys("segmentation")
+    # What one task reads and the other would ignore is absent from the other's configs.
+    assert {"data.rrc_scale_min", "data.eval_crop_ratio", "loss.label_smoothing", "mix.mixup_alpha"} <= cls - seg
+    assert {"data.eval_protocol", "data.scale_range", "loss.upsample"} <= seg - cls
+    with pytest.raises(ValueError, match="unknown task"):
+        base_config("detektion")
+
+
+def test_peak_lr_rule():
+    """Official: init_lr = base_lr x #GPUs at 128 images per GPU == base_lr x global_batch / 128."""
+    from configs import imagenet
+
+    b1, l1 = imagenet.get_config("b1"), imagenet.get_config("l1")
+    assert optim.peak_learning_rate(b1.optim.base_lr, 16 * 128, b1.optim.lr_reference_batch) == pytest.approx(16 * 2.5e-4)
+    assert optim.peak_learning_rate(l1.optim.base_lr, 8 * 128, l1.optim.lr_reference_batch) == pytest.approx(8 * 1.5e-4)
 
 
 def test_schedule_lengths():
+    from configs import imagenet
+
     c = imagenet.get_config("b1")
     total, warmup = loop.schedule_lengths(c, 1_281_167)
     assert total == round(320 * 1_281_167 / 2048) and warmup == round(20 * 1_281_167 / 2048)
@@ -57,10 +87,3 @@ def test_schedule_lengths():
     c.warmup_steps = 700
     with pytest.raises(ValueError):
         loop.schedule_lengths(c, 1_281_167)
-
-
-def test_demo_config():
-    c = demo.get_config()
-    assert c.model.name == "efficientvit_b0" and c.data.name == "evit_shapes"
-    s = demo.get_config("smoke")
-    assert s.total_steps <= 10 and s.data.name == "evit_shapes/tiny"

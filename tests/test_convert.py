@@ -20,7 +20,6 @@ import pytest
 from flax import traverse_util
 
 from evit_jax import convert
-from evit_jax.convert import core
 from evit_jax.convert.__main__ import main as cli_main
 from evit_jax.convert.tensors import to_numpy, to_torch
 

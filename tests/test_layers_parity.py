@@ -20,7 +20,7 @@ from evit_jax.models.attention import EfficientViTBlock, LiteMLA
 from evit_jax.models.cls import ClsHead
 from evit_jax.models.layers import ConvLayer, DSConv, FusedMBConv, LayerConfig, MBConv, ResBlock
 from evit_jax.models.resize import resize_bicubic
-from tests._reference_weights import assert_close_to_torch
+from tests._reference_weights import assert_close_to_torch, randomize_torch
 
 CFG = LayerConfig(bn_eps=1e-5)
 
@@ -37,21 +37,6 @@ def _act(torch, name):
     from timm.layers import GELUTanh
 
     return {None: None, "hswish": torch.nn.Hardswish, "gelu": GELUTanh}[name]
-
-
-def randomize(torch, module, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if tensor.is_floating_point():
-                if name.endswith("running_var"):
-                    tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
-                elif name.endswith(("norm.weight", "classifier.1.weight")):
-                    tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
-                else:
-                    tensor.copy_(torch.randn(tensor.shape, generator=gen) * (0.5 if tensor.ndim < 2 else 1.0)
-                                 / max(1.0, float(np.sqrt(tensor[0].numel() if tensor.ndim > 1 else 1))))
-    return module.eval()
 
 
 def variables_from_torch(flax_module, x_nhwc, torch_module, rename=lambda key: key):
@@ -96,7 +81,7 @@ def check(torch, flax_module, torch_module, shape, *, rename=lambda key: key, se
 def test_conv_norm_act(tvit, torch, highest_precision, kernel, stride, groups, bias, norm, act):
     c_in, c_out = 16, (16 if groups == "dw" else 24)
     g = c_in if groups == "dw" else groups
-    tm = randomize(torch, tvit.ConvNormAct(c_in, c_out, kernel, stride, groups=g, bias=bias,
+    tm = randomize_torch(torch, tvit.ConvNormAct(c_in, c_out, kernel, stride, groups=g, bias=bias,
                                            norm_layer=torch.nn.BatchNorm2d if norm else None, act_layer=_act(torch, act)))
     fm = ConvLayer(c_out, kernel, CFG, stride=stride, groups=g, use_bias=bias, norm=norm, act=act)
     check(torch, fm, tm, (2, c_in, 10, 14))
@@ -105,7 +90,7 @@ def test_conv_norm_act(tvit, torch, highest_precision, kernel, stride, groups, b
 @pytest.mark.parametrize("stride,fewer_norm", [(1, False), (2, True)])
 def test_dsconv(tvit, torch, highest_precision, stride, fewer_norm):
     pattern = dict(use_bias=(True, False), norm_layer=(None, torch.nn.BatchNorm2d)) if fewer_norm else {}
-    tm = randomize(torch, tvit.DSConv(16, 24, stride=stride, act_layer=(torch.nn.Hardswish, None), **pattern))
+    tm = randomize_torch(torch, tvit.DSConv(16, 24, stride=stride, act_layer=(torch.nn.Hardswish, None), **pattern))
     flax_pattern = dict(use_bias=(True, False), norm=(False, True)) if fewer_norm else {}
     fm = DSConv(24, CFG, stride=stride, act=("hswish", None), **flax_pattern)
     check(torch, fm, tm, (2, 16, 12, 10))
@@ -115,7 +100,7 @@ def test_dsconv(tvit, torch, highest_precision, stride, fewer_norm):
                                                           (2, 16, False, "hswish")])
 def test_mbconv(tvit, torch, highest_precision, stride, expand, fewer_norm, act):
     pattern = dict(use_bias=(True, True, False), norm_layer=(None, None, torch.nn.BatchNorm2d)) if fewer_norm else {}
-    tm = randomize(torch, tvit.MBConv(16, 24, stride=stride, expand_ratio=expand,
+    tm = randomize_torch(torch, tvit.MBConv(16, 24, stride=stride, expand_ratio=expand,
                                       act_layer=(_act(torch, act), _act(torch, act), None), **pattern))
     flax_pattern = dict(use_bias=(True, True, False), norm=(False, False, True)) if fewer_norm else {}
     fm = MBConv(24, CFG, stride=stride, expand_ratio=expand, act=(act, act, None), **flax_pattern)
@@ -124,7 +109,7 @@ def test_mbconv(tvit, torch, highest_precision, stride, expand, fewer_norm, act)
 
 @pytest.mark.parametrize("stride,expand", [(1, 4), (2, 16)])
 def test_fused_mbconv(tvit, torch, highest_precision, stride, expand):
-    tm = randomize(torch, tvit.FusedMBConv(16, 16, stride=stride, expand_ratio=expand,
+    tm = randomize_torch(torch, tvit.FusedMBConv(16, 16, stride=stride, expand_ratio=expand,
                                            act_layer=(_act(torch, "gelu"), None)))
     fm = FusedMBConv(16, CFG, stride=stride, expand_ratio=expand, act=("gelu", None))
     check(torch, fm, tm, (2, 16, 10, 12))
@@ -132,7 +117,7 @@ def test_fused_mbconv(tvit, torch, highest_precision, stride, expand):
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_resblock(tvit, torch, highest_precision, stride):
-    tm = randomize(torch, tvit.ConvBlock(16, 16, stride=stride, act_layer=(_act(torch, "gelu"), None)))
+    tm = randomize_torch(torch, tvit.ConvBlock(16, 16, stride=stride, act_layer=(_act(torch, "gelu"), None)))
     fm = ResBlock(16, CFG, stride=stride, act=("gelu", None))
     check(torch, fm, tm, (2, 16, 10, 10))
 
@@ -153,7 +138,7 @@ def test_resblock(tvit, torch, highest_precision, stride):
     (128, 32, 2, 1.0, (5,), (1, 1), 1e-15),
 ])
 def test_lite_mla(tvit, torch, highest_precision, c, dim, heads, heads_ratio, scales, hw, eps):
-    tm = randomize(torch, tvit.LiteMLA(c, c, heads=heads, heads_ratio=heads_ratio, dim=dim, scales=scales, eps=eps))
+    tm = randomize_torch(torch, tvit.LiteMLA(c, c, heads=heads, heads_ratio=heads_ratio, dim=dim, scales=scales, eps=eps))
     fm = LiteMLA(c, CFG, dim=dim, heads=heads, heads_ratio=heads_ratio, scales=scales, eps=eps, quadratic_fallback=True)
     check(torch, fm, tm, (2, c) + hw)
 
@@ -161,7 +146,7 @@ def test_lite_mla(tvit, torch, highest_precision, c, dim, heads, heads_ratio, sc
 @pytest.mark.parametrize("act,dim,expand,hw", [("hswish", 16, 4, (8, 8)), ("hswish", 16, 4, (4, 4)),
                                                ("gelu", 32, 6, (7, 9)), ("gelu", 32, 6, (4, 6))])
 def test_efficientvit_block(tvit, torch, highest_precision, act, dim, expand, hw):
-    tm = randomize(torch, tvit.EfficientVitBlock(64, head_dim=dim, expand_ratio=expand, act_layer=_act(torch, act)))
+    tm = randomize_torch(torch, tvit.EfficientVitBlock(64, head_dim=dim, expand_ratio=expand, act_layer=_act(torch, act)))
     tm.context_module.main.eps = 1e-15  # official eps; tiny maps then take the official quadratic path
     fm = EfficientViTBlock(CFG, dim=dim, expand_ratio=expand, act=act, eps=1e-15)
     check(torch, fm, tm, (2, 64) + hw)
@@ -169,7 +154,7 @@ def test_efficientvit_block(tvit, torch, highest_precision, act, dim, expand, hw
 
 @pytest.mark.parametrize("act", ["hswish", "gelu"])
 def test_classifier_head(tvit, torch, highest_precision, act):
-    tm = randomize(torch, tvit.ClassifierHead(64, [96, 128], num_classes=10, act_layer=_act(torch, act)))
+    tm = randomize_torch(torch, tvit.ClassifierHead(64, [96, 128], num_classes=10, act_layer=_act(torch, act)))
     fm = ClsHead((96, 128), 10, CFG, act=act)
     check(torch, fm, tm, (2, 64, 7, 5), rename=lambda k: mapping.timm_key("head." + k, "b")[len("head."):],
           nchw_out=False)

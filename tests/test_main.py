@@ -56,3 +56,53 @@ def test_explicit_distributed_flags_must_come_together(tmp_path, data_dir):
                              f"--workdir={tmp_path / 'w'}", "--num_processes=2"],
                             cwd=h.REPO, env=h.env_for(1), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "must be given together" in h.last_error_line(result)
+
+
+# ---------------------------------------------------------------------------- command-line mistakes
+def _usage_error(tmp_path, *args):
+    """Runs `python -m evit_jax.main ARGS`: it must end with exactly one line on stderr,
+    "error: ...", exit code 2, and write nothing."""
+    workdir = tmp_path / "w"
+    args = [a.replace("WORKDIR", str(workdir)) for a in args]
+    result = subprocess.run([sys.executable, "-m", "evit_jax.main", *args], cwd=h.REPO, env=h.env_for(1),
+                            capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    assert not workdir.exists(), "the workdir was written before the error"
+    return lines[0]
+
+
+SMOKE = "--config=configs/demo.py:smoke"
+
+
+def test_unknown_config_key_suggests_the_close_one(tmp_path):
+    line = _usage_error(tmp_path, SMOKE, "--workdir=WORKDIR", "--config.totl_steps=5")
+    assert line.startswith("error: --config.totl_steps: no such config key; did you mean --config.total_steps?"), line
+
+
+def test_config_value_of_the_wrong_type(tmp_path):
+    line = _usage_error(tmp_path, SMOKE, "--workdir=WORKDIR", "--config.total_steps=abc")
+    assert "--config.total_steps=abc" in line and "int" in line, line
+    line = _usage_error(tmp_path, SMOKE, "--workdir=WORKDIR", "--config.data.image_sizes=2O0")
+    assert "--config.data.image_sizes=2O0" in line and "sequence of int" in line, line
+
+
+def test_missing_config_or_workdir(tmp_path):
+    line = _usage_error(tmp_path, "--workdir=WORKDIR")
+    assert "--config is required" in line, line
+    line = _usage_error(tmp_path, SMOKE)
+    assert "--workdir is required" in line, line
+
+
+def test_unknown_flag_and_stray_argument(tmp_path):
+    line = _usage_error(tmp_path, SMOKE, "--workdirr=WORKDIR")
+    assert "--workdirr: unknown flag; did you mean --workdir?" in line, line
+    line = _usage_error(tmp_path, SMOKE, "--workdir=WORKDIR", "configs/demo.py")
+    assert "unexpected argument" in line and "configs/demo.py" in line, line
+
+
+def test_config_file_errors(tmp_path):
+    line = _usage_error(tmp_path, "--config=configs/imagenet.py:b9", "--workdir=WORKDIR")
+    assert "--config=configs/imagenet.py:b9" in line and "got 'b9'" in line and "ValueError" in line, line
+    line = _usage_error(tmp_path, "--config=configs/nonexistent.py", "--workdir=WORKDIR")
+    assert "no such config file" in line, line

@@ -19,29 +19,11 @@ import pytest
 
 from evit_jax import convert
 from evit_jax.models import create_model
-from tests._reference_weights import assert_close_to_torch
+from tests._reference_weights import assert_close_to_torch, randomize_torch_norms
 
 VARIANTS = ["b0", "b1", "b2", "b3", "l1", "l2", "l3"]
 # The official numerics at 224 (linear attention, eps 1e-15, L head BN eps 1e-7) are checked on L1.
 OFFICIAL_224 = {"l1"}
-
-
-def randomize_norms(torch, model, seed: int = 0) -> None:
-    """Random running statistics and affine parameters in every BatchNorm and LayerNorm."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def uniform(t, lo, hi):
-        t.copy_(torch.rand(t.shape, generator=gen) * (hi - lo) + lo)
-
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
-                uniform(module.weight, 0.5, 1.5)
-                uniform(module.bias, -0.2, 0.2)
-            if isinstance(module, torch.nn.BatchNorm2d):
-                uniform(module.running_mean, -0.5, 0.5)
-                uniform(module.running_var, 0.5, 1.5)
-                module.num_batches_tracked.fill_(int(torch.randint(0, 10_000, (), generator=gen)))
 
 
 def set_official_eps(torch, model, family: str) -> None:
@@ -72,7 +54,7 @@ def test_classification_parity_with_timm(variant, torch, highest_precision):
     name = f"efficientvit_{variant}"
     family = variant[0]
     tm = timm.create_model(name, pretrained=False).eval()
-    randomize_norms(torch, tm)
+    randomize_torch_norms(torch, tm)
     flat = convert.abstract_variables(name)
     assert sum(p.numel() for p in tm.parameters()) == sum(int(np.prod(s.shape)) for k, s in flat.items() if k[0] == "params")
     variables = convert.torch_to_flax(tm.state_dict(), name)  # timm layout, detected

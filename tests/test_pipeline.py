@@ -185,18 +185,22 @@ def test_bucketed_eval_batches_agree_across_processes(process_count):
 
 
 def test_worker_processes_give_the_same_batches(tmp_path):
+    """The full official train transform (RandomResizedCrop, flip, RandAugment, erasing box)
+    gives the same batches in-process and in 2 grain workers (per-example Generators)."""
     source = sources.get_source("evit_shapes/tiny", "train", str(tmp_path))
+    full = transforms.ClassificationTrainTransform(randaugment=(2, 9), erasing_prob=0.5)
     kwargs = dict(global_batch_size=8, image_sizes=[16, 24], seed=0, process_index=0,
                   process_count=1)
-    expected = _take(pipeline.make_train_iterator(source, TRAIN, **kwargs), 4)
-    iterator = pipeline.make_train_iterator(source, TRAIN, worker_count=2, **kwargs)
+    expected = _take(pipeline.make_train_iterator(source, full, **kwargs), 4)
+    iterator = pipeline.make_train_iterator(source, full, worker_count=2, **kwargs)
     try:
         got = _take(iterator, 4)
     finally:
         iterator.close()
+    assert sorted(expected[0]) == ["erase_box", "image", "label"]
     for want, have in zip(expected, got):
-        np.testing.assert_array_equal(want["image"], have["image"])
-        np.testing.assert_array_equal(want["label"], have["label"])
+        for key in want:
+            np.testing.assert_array_equal(want[key], have[key])
 
 
 _GLOBAL_EVAL_SCRIPT = textwrap.dedent("""
@@ -259,3 +263,24 @@ def test_benchmark_command_runs(tmp_path, capsys):
     assert len(lines) == 2 and "@24px" in lines[1] and "CPU-ms/image" in lines[0]
     with pytest.raises(SystemExit):
         pipeline_bench.main([])  # --data_dir is required.
+
+
+def test_benchmark_recipe_on_a_jpeg_folder_against_timm(tmp_path, capsys):
+    """The --jpeg_folder path: generates ImageNet-like JPEGs, prepares them with image_folder,
+    runs the official recipe through grain and timm's DataLoader on the same files, breakdown too."""
+    pytest.importorskip("timm")
+    from evit_jax.tools import pipeline_bench
+
+    argv = ["--jpeg_folder", str(tmp_path / "jpegs"), "--num_images", "20", "--data_dir", str(tmp_path / "data"),
+            "--workers", "0", "--batch_size", "8", "--num_batches", "2", "--repeats", "1", "--image_size", "64",
+            "--compare-timm", "--breakdown", "--recipe", "randaug=2,5", "--recipe", "erasing=0.2"]
+    pipeline_bench.main(argv)
+    out = capsys.readouterr().out
+    assert "wrote 40 JPEGs" in out and "RandAugment (2, 5.0), erasing 0.2" in out
+    assert "evit_jax RandAugment" in out and "timm     RandAugment" in out
+    medians = [line for line in out.splitlines() if line.startswith("median")]
+    assert len(medians) == 2 and "evit_jax" in medians[0] and "timm" in medians[1]
+    pipeline_bench.main(argv[:-5])   # Second run: the folder and the dataset are reused.
+    assert "wrote" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        pipeline_bench.main(argv[:6] + ["--recipe", "mixup=1"])

@@ -94,3 +94,69 @@ def test_missing_image_is_reported_before_loading(cls_checkpoint, capsys, tmp_pa
     rc = predict.run(["--model", "efficientvit_b0", "--checkpoint", str(cls_checkpoint), str(tmp_path / "no.jpg")])
     err = capsys.readouterr().err
     assert rc == 2 and "does not exist" in err
+
+
+# ---------------------------------------------------------------------------- compile once per shape
+# jax.monitoring reports this event once per XLA executable built (jit cache hits report
+# nothing); it is jax's public instrumentation hook, unlike the size of a jit's private cache.
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def _compilations(fn) -> list[str]:
+    """Names of the functions XLA compiled while ``fn()`` ran."""
+    compiled = []
+
+    def listener(event, duration, **kwargs):
+        if event == _BACKEND_COMPILE_EVENT:
+            compiled.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return compiled
+
+
+def _images(*sizes):
+    rng = np.random.default_rng(1)
+    return [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in sizes]
+
+
+def test_segmentation_compiles_once_per_input_size():
+    import flax.linen as nn
+
+    class TinySeg(nn.Module):  # logits at stride 8, like the segmentation heads
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Conv(3, (8, 8), strides=8)(x)
+
+    model = TinySeg()
+    variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3))))(jax.random.key(0))
+    images = _images((37, 53), (64, 40), (37, 53))  # the first and last share their size
+    masks = []
+    compiled = _compilations(lambda: masks.extend(predict.predict_segmentation(model, variables, im, 0)
+                                                  for im in images))
+    assert len(compiled) == 2, compiled
+    assert [m.shape for m in masks] == [(37, 53), (64, 40), (37, 53)]
+    # A new model object with the same definition reuses the compiled function too.
+    assert _compilations(lambda: predict.predict_segmentation(TinySeg(), variables, images[0], 0)) == []
+
+
+def test_classification_compiles_once():
+    import flax.linen as nn
+
+    class TinyCls(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(4)(nn.Conv(8, (3, 3), strides=2)(x).mean(axis=(1, 2)))
+
+    model = TinyCls()
+    variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3))))(jax.random.key(0))
+    probs = []
+    # Any image size: every image is resized and cropped to the same 32x32 input.
+    compiled = _compilations(lambda: probs.extend(predict.predict_classification(model, variables, im, 32, 1.0)
+                                                  for im in _images((37, 53), (64, 40), (50, 50))))
+    assert len(compiled) == 1, compiled
+    for p in probs:
+        assert p.shape == (4,) and abs(float(p.sum()) - 1) < 1e-5

@@ -1,6 +1,5 @@
 """Cityscapes / ADE20K builders and the prepare entry point on tiny trees in the real layout."""
 
-import io
 import os
 import zipfile
 

@@ -14,7 +14,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from configs import ade20k, cityscapes, demo_seg  # noqa: E402
+from configs import cityscapes, demo_seg  # noqa: E402
 
 
 def test_seg_smoke_trains_and_evaluates_through_the_loop(tmp_path, capsys):
@@ -28,8 +28,10 @@ def test_seg_smoke_trains_and_evaluates_through_the_loop(tmp_path, capsys):
 
     assert results["eval/num_examples"] == 32.0            # 32 images, eval batch 12: last batch padded
     for prefix in ("eval", "eval_ema"):
-        assert 0.0 <= results[f"{prefix}/miou"] <= 1.0
-        assert f"{prefix}/iou/background" in results
+        # mIoU is the mean IoU of the classes present in the split (absent ones are NaN).
+        ious = [v for k, v in results.items() if k.startswith(f"{prefix}/iou/")]
+        assert len(ious) == 7 and f"{prefix}/iou/background" in results
+        assert results[f"{prefix}/miou"] == pytest.approx(float(np.nanmean(ious)))
     records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "train/loss" in r]
     assert train and all(np.isfinite(r["train/loss"]) for r in train)
@@ -47,19 +49,6 @@ def test_seg_smoke_trains_and_evaluates_through_the_loop(tmp_path, capsys):
     from evit_jax.data.synthetic_seg import CLASS_NAMES
     assert "45x71" in printed
     assert any(f"{name}:" in printed for name in CLASS_NAMES)  # class names from the workdir's dataset
-
-
-@pytest.mark.parametrize("module,args", [(cityscapes, cityscapes.VARIANTS), (ade20k, ade20k.VARIANTS),
-                                         (demo_seg, ("", "smoke"))])
-def test_seg_configs_parse(module, args):
-    from evit_jax.models import get_model_spec
-
-    for arg in args:
-        config = module.get_config(arg)
-        assert config.task == "segmentation"
-        assert get_model_spec(config.model.name).task == "segmentation"
-    with pytest.raises(ValueError):
-        module.get_config("nope")
 
 
 def test_real_dataset_missing_is_one_clear_error(tmp_path):

@@ -18,7 +18,7 @@ from evit_jax import convert
 from evit_jax.convert import mapping
 from evit_jax.convert.tensors import to_numpy
 from evit_jax.models import create_model, get_model_spec
-from tests._reference_weights import assert_close_to_torch
+from tests._reference_weights import assert_close_to_torch, randomize_torch_norms
 
 BN_EPS = {"b": 1e-5, "l": 1e-7}
 
@@ -29,14 +29,9 @@ def torch_backbone(torch, variant: str):
     from timm.models.efficientvit_mit import LiteMLA
 
     model = timm.create_model(f"efficientvit_{variant}", pretrained=False).eval()
-    gen = torch.Generator().manual_seed(0)
+    randomize_torch_norms(torch, model)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.copy_(torch.rand(module.running_mean.shape, generator=gen) - 0.5)
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
-                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
-                module.bias.copy_(torch.rand(module.bias.shape, generator=gen) * 0.4 - 0.2)
             if isinstance(module, LiteMLA):
                 module.eps = 1e-15
     return model
@@ -46,10 +41,11 @@ def official_seg_state_dict(torch, name: str, backbone) -> dict[str, np.ndarray]
     """Official-layout seg state dict: the timm backbone's weights plus a random head."""
     spec = get_model_spec(name)
     rng = np.random.default_rng(1)
-    timm_sd = {k: to_numpy(v) for k, v in backbone.state_dict().items() if not k.startswith("head.")}
-    sd = {mapping.official_key(k, spec.family): v for k, v in timm_sd.items()}
+    timm_sd = {k: to_numpy(v) for k, v in backbone.state_dict().items()}
+    sd = {}
     for e in convert.key_table(name):
-        if e.torch_key in sd:
+        if e.torch_key.startswith("backbone."):  # the production official -> timm key map
+            sd[e.torch_key] = timm_sd[mapping.timm_key(e.torch_key, spec.family)]
             continue
         assert e.torch_key.startswith("head."), e.torch_key
         leaf = e.torch_key.rsplit(".", 1)[1]

@@ -2,10 +2,10 @@
 
 import math
 
-import grain
 import numpy as np
 import pytest
 
+from evit_jax import interpolation
 from evit_jax.data import seg_transforms as T
 
 IGNORE = T.IGNORE_INDEX
@@ -46,8 +46,8 @@ def test_resize_matches_torch(method, size):
     ref = torch.nn.functional.interpolate(
         torch.tensor(x).permute(2, 0, 1)[None].double(), size=size, mode=method,
         align_corners=False)[0].permute(1, 2, 0).numpy()
-    rows = T.interpolation_matrix(37, size[0], method).astype(np.float64)
-    cols = T.interpolation_matrix(53, size[1], method).astype(np.float64)
+    rows = interpolation.interpolation_matrix(37, size[0], method).astype(np.float64)
+    cols = interpolation.interpolation_matrix(53, size[1], method).astype(np.float64)
     ours = np.einsum("ih,hwc,jw->ijc", rows, x.astype(np.float64), cols)
     np.testing.assert_allclose(ours, ref, atol=1e-3)
     resized = T.resize_image(x, size, method)
@@ -56,13 +56,13 @@ def test_resize_matches_torch(method, size):
 
 
 def test_interpolation_matrix_padding_is_exact():
-    full = T.interpolation_matrix(10, 24)
-    padded = T.interpolation_matrix(10, 24, padded_in=16, padded_out=32)
+    full = interpolation.interpolation_matrix(10, 24)
+    padded = interpolation.interpolation_matrix(10, 24, padded_in=16, padded_out=32)
     assert padded.shape == (32, 16)
     np.testing.assert_array_equal(padded[:24, :10], full)
     assert not padded[24:].any() and not padded[:, 10:].any()
     with pytest.raises(ValueError):
-        T.interpolation_matrix(10, 24, padded_in=8)
+        interpolation.interpolation_matrix(10, 24, padded_in=8)
 
 
 def test_window_equals_full_resize_then_crop():
@@ -181,17 +181,17 @@ def test_pad_for_batch_marks_padding_as_ignore():
         T.pad_for_batch(image, label, (16, 64), (40, 50))
 
 
-def test_grain_wrappers_are_deterministic():
+def test_pipeline_transforms_are_deterministic_and_pad_to_the_bucket():
+    """The transforms the segmentation task hands to the grain pipelines."""
     rng = np.random.default_rng(8)
     records = []
     for _ in range(4):
         image, label = _block_scene(rng, shape=(48, 64))
         records.append({"image": image, "segmentation_mask": label[..., None], "file_name": b"x"})
-    train = T.SegTrainTransform(crop_size=(32, 32), scale_range=(0.75, 1.5))
+    train = T.SegTrainTransform(scale_range=(0.75, 1.5))
 
     def run(seed):
-        ds = grain.MapDataset.source(records).seed(seed).random_map(train)
-        return [ds[i] for i in range(len(records))]
+        return [train(r, (32, 32), np.random.default_rng([seed, i])) for i, r in enumerate(records)]
 
     first, again, other = run(1), run(1), run(2)
     for a, b in zip(first, again):
@@ -200,8 +200,7 @@ def test_grain_wrappers_are_deterministic():
     assert any(not np.array_equal(a["image"], c["image"]) for a, c in zip(first, other))
     assert all(r["image"].shape == (32, 32, 3) and r["label"].dtype == np.int32 for r in first)
 
-    evaluate = T.SegEvalTransform(protocol="ade20k", crop_size=32, pad_image_to=(32, 64),
-                                  pad_label_to=(48, 64))
-    out = grain.MapDataset.source(records).map(evaluate)[0]
+    evaluate = T.SegEvalTransform(protocol="ade20k", crop_size=32)
+    out = evaluate(records[0], ((32, 64), (48, 64)))
     assert out["image"].shape == (32, 64, 3) and out["label"].shape == (48, 64)
     assert out["image_hw"].tolist() == [32, math.ceil(64 / 48 * 32 / 32) * 32]

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from evit_jax import interpolation
 from evit_jax.data import seg_transforms
 from evit_jax.models.resize import bicubic_matrix, resize_bicubic
 from evit_jax.tasks import segmentation as seg
@@ -48,7 +49,7 @@ def test_bicubic_matrices_match_torch_equivalent_resize(n_in, n_out):
     assert not m[0, n_out:].any() and not m[0, :, n_in:].any()   # padding never leaks
     assert not m[1].any()                                         # a padding example gives zeros
     np.testing.assert_allclose(m[0, :n_out, :n_in],
-                               seg_transforms.interpolation_matrix(n_in, n_out, "bicubic"), atol=1e-5)
+                               interpolation.interpolation_matrix(n_in, n_out, "bicubic"), atol=1e-5)
 
 
 def test_upsampled_argmax_equals_resize_of_the_valid_region():
@@ -111,29 +112,50 @@ def test_eval_statistics_skip_padding_examples_and_ignored_pixels(data_dir):
 # ---------------------------------------------------------------------------- config checks
 def test_check_rejects_bad_configs(data_dir):
     config = smoke_config(data_dir)
-    seg.SegmentationTask(config).check()
+    task = seg.SegmentationTask(config)
+    task.check_config()
+    task.check_data()
     for key, value, message in [
         ("model.name", "efficientvit_b0", "classification model"),
         ("model.name", "efficientvit_seg_b9_cityscapes", "unknown model"),
-        ("loss.bce", True, "cross-entropy"),
         ("loss.upsample", "nearest", "upsample"),
         ("data.eval_protocol", "voc", "eval_protocol"),
         ("data.image_sizes", [48], "multiple of 32"),
-        ("data.eval_split", "test", "no split"),
     ]:
         bad = smoke_config(data_dir)
         section, name = key.split(".")
         with bad.unlocked():
             bad[section][name] = value
         with pytest.raises(ValueError, match=message):
-            seg.SegmentationTask(bad).check()
+            seg.SegmentationTask(bad).check_config()
+    bad = smoke_config(data_dir)
+    bad.data.eval_split = "test"
+    with pytest.raises(ValueError, match="no split"):
+        seg.SegmentationTask(bad).check_data()
+
+
+def test_keys_the_task_does_not_read_are_rejected(data_dir):
+    """A classification-only key (the task would silently ignore it) is one clear error, as is a
+    config built for another task."""
+    from evit_jax.tasks.config import base_config
+
+    bad = smoke_config(data_dir)
+    with bad.unlocked():
+        bad.data.rrc_scale_min = 0.5
+    with pytest.raises(ValueError, match="data.rrc_scale_min are not read by the segmentation task"):
+        seg.SegmentationTask(bad).check_config()
+    cls_config = base_config("classification")
+    with cls_config.unlocked():
+        cls_config.task = "segmentation"
+    with pytest.raises(ValueError, match="not read by the segmentation task"):
+        seg.SegmentationTask(cls_config).check_config()
 
 
 def test_check_reports_a_missing_dataset(tmp_path):
     config = smoke_config(str(tmp_path))
     config.data.name = "cityscapes"
     with pytest.raises(FileNotFoundError, match="prepare"):
-        seg.SegmentationTask(config).check()
+        seg.SegmentationTask(config).check_data()
 
 
 # ---------------------------------------------------------------------------- init_from
@@ -295,7 +317,7 @@ def test_ade20k_eval_equals_the_official_batch_one_protocol(ade_data_dir, torch)
     running every image alone at its own size, upsampling with torch's bicubic and counting in numpy."""
     from evit_jax.data import sources
     from evit_jax.tasks import seg_metrics
-    from evit_jax.tasks.classification import normalize_images
+    from evit_jax.data.transforms import normalize_images
     from evit_jax.train import loop
     from evit_jax.train.state import model_variables
 

@@ -1,7 +1,6 @@
 """The evit_seg_shapes generator and builder."""
 
 import numpy as np
-import pytest
 
 from evit_jax.data import synthetic_seg
 from evit_jax.data.synthetic_seg import CLASS_NAMES, IGNORE_INDEX, EvitSegShapes, EvitSegShapesConfig

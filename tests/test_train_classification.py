@@ -80,10 +80,20 @@ def test_label_smoothing_and_losses():
     assert float(cls.classification_loss(logits, y, bce=False)) == pytest.approx(float(ce), rel=1e-6)
 
 
-def test_normalize_images():
-    x = jnp.full((1, 1, 1, 3), 255, jnp.uint8)
-    np.testing.assert_allclose(cls.normalize_images(x)[0, 0, 0],
-                               (255 - cls.IMAGENET_MEAN) / cls.IMAGENET_STD, rtol=1e-6)
+def test_normalize_images_equals_torchvision_on_host_and_in_jit(torch):
+    """The same function normalises numpy batches and traced jax batches as torchvision's
+    ToTensor + Normalize(ImageNet mean/std) does."""
+    import torchvision.transforms.functional as TF
+
+    from evit_jax.data.transforms import normalize_images
+
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    reference = TF.normalize(TF.to_tensor(image), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    reference = reference.permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(normalize_images(image[None])[0], reference, rtol=1e-5, atol=1e-5)
+    traced = jax.jit(normalize_images)(jnp.asarray(image[None]))
+    assert traced.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(traced)[0], reference, rtol=1e-5, atol=1e-5)
 
 
 def test_eval_statistics_respect_mask():

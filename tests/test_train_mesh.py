@@ -1,7 +1,6 @@
 """The mesh rule table and batch-layout helpers (no devices beyond the default one needed)."""
 
 import jax
-import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 

@@ -214,14 +214,27 @@ def load_variables(path: str | os.PathLike, model_name: str, use_ema: bool = Fal
         raise ValueError(f"{path}: {err}") from None
 
 
-def load_pretrained(name: str, checkpoint_path: str | os.PathLike, *, use_ema: bool = False,
+def load_pretrained(name: str, checkpoint_path: str | os.PathLike | None = None, *, use_ema: bool = False,
                     num_classes: int | None = None, **model_kwargs) -> tuple[Any, dict]:
-    """(model, variables) for `name` from a PyTorch checkpoint file or a converted Orbax directory.
+    """(model, variables) for `name` from its published weights, a PyTorch checkpoint file or an Orbax directory.
 
-    The model is `create_model(name, num_classes=..., **model_kwargs)` (official numerics by default); the
-    variables keep the checkpoint's dtypes.
+    Without `checkpoint_path` the published weights of `name` are used (`efficientvit_b1.r256_in1k`, or a bare
+    `efficientvit_b1` for the default tag; see `evit_jax.convert.hub`): downloaded through huggingface_hub and
+    converted on the first call, read from the converted cache afterwards. `checkpoint_path` may also be a
+    `hub:NAME` spec. The model is `create_model(name, num_classes=..., **model_kwargs)`; its numerics default to
+    those the published weights were evaluated with (timm's for timm's files), official numerics otherwise.
+    The variables keep the checkpoint's dtypes.
     """
-    variables = load_variables(checkpoint_path, name, use_ema, num_classes=num_classes)
+    from evit_jax.convert import hub  # hub builds on this module
+
+    spec = checkpoint_path if checkpoint_path is not None else hub.HUB_PREFIX + name
+    if hub.is_hub_spec(spec):
+        weights = hub.find_weights(spec)
+        if get_model_spec(weights.model).name != get_model_spec(name).name:
+            raise ValueError(f"{spec} holds weights of {weights.model}, not {get_model_spec(name).name}")
+        model_kwargs.setdefault("numerics", weights.numerics)
+    path = hub.resolve_checkpoint(spec)
+    variables = load_variables(path, name, use_ema, num_classes=num_classes)
     if num_classes is None:
-        num_classes = stored_num_classes(checkpoint_path, name)
+        num_classes = stored_num_classes(path, name)
     return create_model(name, num_classes=num_classes, **model_kwargs), variables

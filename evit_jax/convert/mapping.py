@@ -12,7 +12,7 @@ Flax module names are the official key prefixes with list indices joined by "_" 
 | batch_stats .../norm/mean, var       | running_mean, running_var | -                                |
 | batch_stats .../num_batches_tracked  | num_batches_tracked     | int64 in PyTorch                   |
 
-The timm layout renames the stem and head prefixes (`timm_key` / `official_key`).
+The timm layout renames the stem and head prefixes (`timm_key`).
 """
 
 from __future__ import annotations
@@ -97,24 +97,6 @@ _HEAD_TO_TIMM = [
     (r"^head\.op_list\.2\.norm\.", "head.classifier.1."),
     (r"^head\.op_list\.3\.linear\.", "head.classifier.4."),
 ]
-_TIMM_TO_B = [
-    (r"^stem\.in_conv\.", "backbone.input_stem.op_list.0."),
-    (r"^stem\.res(\d+)\.", lambda m: f"backbone.input_stem.op_list.{int(m.group(1)) + 1}."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"backbone.stages.\1.op_list.\2."),
-]
-_TIMM_TO_L = [
-    (r"^stem\.in_conv\.", "backbone.stages.0.op_list.0."),
-    (r"^stem\.res(\d+)\.", lambda m: f"backbone.stages.0.op_list.{int(m.group(1)) + 1}."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.", lambda m: f"backbone.stages.{int(m.group(1)) + 1}.op_list.{m.group(2)}."),
-]
-_TIMM_TO_HEAD = [
-    (r"^head\.in_conv\.", "head.op_list.0."),
-    (r"^head\.classifier\.0\.", "head.op_list.2.linear."),
-    (r"^head\.classifier\.1\.", "head.op_list.2.norm."),
-    (r"^head\.classifier\.4\.", "head.op_list.3.linear."),
-]
-
-
 def _apply_first(rules, key: str) -> str:
     for pattern, repl in rules:
         new, n = re.subn(pattern, repl, key, count=1)
@@ -127,7 +109,3 @@ def timm_key(official: str, family: str) -> str:
     """Official classification key -> timm key (family "b" or "l")."""
     return _apply_first((_B_TO_TIMM if family == "b" else _L_TO_TIMM) + _HEAD_TO_TIMM, official)
 
-
-def official_key(timm: str, family: str) -> str:
-    """timm classification key -> official key (family "b" or "l")."""
-    return _apply_first((_TIMM_TO_B if family == "b" else _TIMM_TO_L) + _TIMM_TO_HEAD, timm)

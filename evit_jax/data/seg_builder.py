@@ -73,12 +73,24 @@ def decode_label_png(data: bytes, name: str) -> np.ndarray:
     return array
 
 
+def stored_as_is(image: Image.Image) -> bool:
+    """True when an opened image's file decodes to the same 8-bit RGB with PIL and OpenCV (which
+    tfds uses to decode): an RGB JPEG, or an 8-bit RGB PNG without a transparent colour
+    (OpenCV would add an alpha channel, or return 16-bit values)."""
+    if image.mode != "RGB" or "transparency" in image.info:
+        return False
+    if image.format == "JPEG":
+        return True
+    return image.format == "PNG" and bool(image.tile) and image.tile[0][3] == "RGB"  # raw mode: 8-bit
+
+
 def rgb_image_bytes(data: bytes, name: str) -> tuple[bytes, tuple[int, int]]:
-    """(bytes, (H, W)) of an RGB image: the original bytes when the file is already 8-bit
-    RGB (no re-encoding), else a lossless PNG of its RGB conversion (grey/CMYK/palette)."""
+    """(bytes, (H, W)) of an RGB image: the original bytes when :func:`stored_as_is` (no
+    re-encoding), else a lossless PNG of PIL's RGB conversion (grey, CMYK, palette, alpha,
+    16-bit, other formats), i.e. the pixels torchvision's ImageFolder loader sees."""
     with Image.open(io.BytesIO(data)) as image:
         size = (image.height, image.width)
-        if image.mode == "RGB":
+        if stored_as_is(image):
             return data, size
         return encode_png(np.asarray(image.convert("RGB"))), size
 

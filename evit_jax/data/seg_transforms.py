@@ -18,7 +18,7 @@ Evaluation protocols (official ``eval_efficientvit_seg_model.py``):
 - ADE20K: short side -> 512, long side -> ceil(long / short * 512 / 32) * 32; the label
   keeps its full size.
 Logits are then resized to the label size before the argmax (that is the task's job;
-:func:`interpolation_matrix` gives the exact bicubic weights, also for padded batches).
+`evit_jax.interpolation` holds the resampling kernels, shared with the models and the task).
 """
 
 from __future__ import annotations
@@ -27,79 +27,17 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-import grain
 import numpy as np
 
+from evit_jax import interpolation
+
 IGNORE_INDEX = 255
-_CUBIC_A = -0.75  # Keys' cubic as in OpenCV INTER_CUBIC and torch bicubic.
 
 
 # ----------------------------------------------------------------------------- resizing
-def _cubic_weights(t: np.ndarray) -> np.ndarray:
-    """(N, 4) weights of taps -1, 0, 1, 2 for fractional offsets t in [0, 1)."""
-    a = _CUBIC_A
-
-    def near(x):  # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x):   # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
-
-
-def _taps(in_size: int, out_size: int, method: str, start: int = 0,
-          stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Source indices and weights, each (n_out, n_taps), for outputs [start, stop)."""
-    stop = out_size if stop is None else stop
-    dst = np.arange(start, stop, dtype=np.float64)
-    scale = in_size / out_size
-    if method == "nearest":
-        # Centre-aligned nearest (PyTorch "nearest-exact"): aligned with the half-pixel
-        # convention of the image resizes, so labels stay on top of their pixels.
-        index = np.minimum(np.floor((dst + 0.5) * scale), in_size - 1).astype(np.int64)
-        return index[:, None], np.ones((len(dst), 1))
-    src = (dst + 0.5) * scale - 0.5
-    if method == "bilinear":
-        src = np.maximum(src, 0.0)  # OpenCV/torch clamp the source of linear taps at 0.
-        base = np.floor(src)
-        t = src - base
-        index = base[:, None].astype(np.int64) + np.arange(2)
-        weights = np.stack([1 - t, t], axis=1)
-    elif method == "bicubic":
-        base = np.floor(src)
-        t = src - base
-        index = base[:, None].astype(np.int64) + np.arange(-1, 3)
-        weights = _cubic_weights(t)
-    else:
-        raise ValueError(f"Unknown resize method {method!r}; use nearest, bilinear or bicubic.")
-    return np.clip(index, 0, in_size - 1), weights
-
-
-def interpolation_matrix(in_size: int, out_size: int, method: str = "bicubic",
-                         padded_in: int | None = None, padded_out: int | None = None) -> np.ndarray:
-    """(padded_out, padded_in) float32 matrix M with ``resize(x) = M @ x`` along one axis.
-
-    Rows beyond ``out_size`` and columns beyond ``in_size`` are zero, so a batch padded to
-    a common shape is resized exactly: ``Mh @ logits @ Mw.T`` reads only the valid input
-    and writes zeros outside the valid output (which a label padded with 255 ignores).
-    Equal to torch ``F.interpolate(..., mode=method, align_corners=False)`` per axis.
-    """
-    padded_in = in_size if padded_in is None else padded_in
-    padded_out = out_size if padded_out is None else padded_out
-    if padded_in < in_size or padded_out < out_size:
-        raise ValueError(f"Padded sizes ({padded_in}, {padded_out}) must be >= the sizes "
-                         f"({in_size}, {out_size}).")
-    index, weights = _taps(in_size, out_size, method)
-    matrix = np.zeros((padded_out, padded_in), dtype=np.float64)
-    rows = np.broadcast_to(np.arange(out_size)[:, None], index.shape)
-    np.add.at(matrix, (rows, index), weights)  # Clamped taps accumulate on the border.
-    return matrix.astype(np.float32)
-
-
 def _resize_axis(x: np.ndarray, axis: int, out_size: int, method: str,
                  start: int = 0, stop: int | None = None) -> np.ndarray:
-    index, weights = _taps(x.shape[axis], out_size, method, start, stop)
+    index, weights = interpolation.taps(x.shape[axis], out_size, method, start, stop)
     if method == "nearest":
         return np.take(x, index[:, 0], axis=axis)
     shape = [1] * x.ndim
@@ -312,7 +250,7 @@ def pad_for_batch(image: np.ndarray, label: np.ndarray, image_shape: tuple[int, 
 
     Returns image (padded with 0), label (padded with ``ignore_index``, so padding never
     counts in the metrics) and the valid sizes ``image_hw`` and ``label_hw`` (int32 (2,)).
-    With :func:`interpolation_matrix` (``padded_in``/``padded_out``) the task resizes
+    With ``evit_jax.interpolation.interpolation_matrix`` (``padded_in``/``padded_out``) the task resizes
     the valid logits to the valid label exactly inside a static-shape jit. Note that the
     model itself sees the padding (global attention, border convolutions): outputs equal
     the official batch-1 protocol only for examples that need no image padding, so group
@@ -329,16 +267,12 @@ def pad_for_batch(image: np.ndarray, label: np.ndarray, image_shape: tuple[int, 
             "label_hw": np.array(label.shape, np.int32)}
 
 
-# ----------------------------------------------------------------------------- grain
-def _pair(element: Mapping[str, Any], image_key: str, label_key: str):
-    return np.asarray(element[image_key]), _as_label(element[label_key])
-
-
+# ----------------------------------------------------------------------------- pipeline transforms
 @dataclasses.dataclass(frozen=True)
-class SegTrainTransform(grain.transforms.RandomMap):
-    """grain RandomMap: a source record -> :func:`train_transform` output."""
+class SegTrainTransform:
+    """The train transform of `evit_jax.data.pipeline.make_train_iterator`:
+    ``(record, (h, w) crop, rng) -> {"image", "label"}`` (:func:`train_transform`; picklable)."""
 
-    crop_size: tuple[int, int]
     scale_range: tuple[float, float] = (0.5, 2.0)
     base_size: tuple[int, int] | None = None
     flip_prob: float = 0.5
@@ -347,33 +281,26 @@ class SegTrainTransform(grain.transforms.RandomMap):
     label_key: str = "segmentation_mask"
     ignore_index: int = IGNORE_INDEX
 
-    def random_map(self, element: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        image, label = _pair(element, self.image_key, self.label_key)
-        return train_transform(image, label, rng, crop_size=self.crop_size,
-                               scale_range=self.scale_range, base_size=self.base_size,
-                               flip_prob=self.flip_prob, jitter=self.jitter,
-                               ignore_index=self.ignore_index)
+    def __call__(self, record: Mapping[str, Any], size: tuple[int, int], rng: np.random.Generator):
+        return train_transform(np.asarray(record[self.image_key]), _as_label(record[self.label_key]), rng,
+                               crop_size=tuple(size), scale_range=self.scale_range, base_size=self.base_size,
+                               flip_prob=self.flip_prob, jitter=self.jitter, ignore_index=self.ignore_index)
 
 
 @dataclasses.dataclass(frozen=True)
-class SegEvalTransform(grain.transforms.Map):
-    """grain Map: a source record -> :func:`eval_transform` output, optionally padded to
-    fixed batch shapes with :func:`pad_for_batch` (adds ``image_hw`` and ``label_hw``)."""
+class SegEvalTransform:
+    """The eval transform of `evit_jax.data.pipeline.make_bucketed_eval_iterator`:
+    ``(record, (image shape, label shape) of the bucket) -> {"image", "label", "image_hw",
+    "label_hw"}`` (:func:`eval_transform`, then :func:`pad_for_batch` to the bucket's shapes)."""
 
     protocol: str = "none"
     crop_size: int = 512
     image_key: str = "image"
     label_key: str = "segmentation_mask"
-    pad_image_to: tuple[int, int] | None = None
-    pad_label_to: tuple[int, int] | None = None
     ignore_index: int = IGNORE_INDEX
 
-    def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        image, label = _pair(element, self.image_key, self.label_key)
-        out = eval_transform(image, label, self.protocol, self.crop_size)
-        if self.pad_image_to is None and self.pad_label_to is None:
-            return out
-        image_shape = self.pad_image_to or out["image"].shape[:2]
-        label_shape = self.pad_label_to or out["label"].shape
-        return pad_for_batch(out["image"], out["label"], image_shape, label_shape,
-                             self.ignore_index)
+    def __call__(self, record: Mapping[str, Any], shapes: tuple[tuple[int, int], tuple[int, int]]):
+        image_shape, label_shape = shapes
+        out = eval_transform(np.asarray(record[self.image_key]), record[self.label_key], self.protocol,
+                             self.crop_size)
+        return pad_for_batch(out["image"], out["label"], image_shape, label_shape, self.ignore_index)

@@ -6,11 +6,11 @@
 All datasets are tfds builders stored as ArrayRecord files under `data_dir` (a local
 path or a `gs://` path; tfds handles both). Nothing is ever downloaded:
 
-- built-in synthetic datasets (`evit_shapes`, `evit_seg_shapes`) are generated into
+- built-in synthetic datasets (`evit_shapes`, `evit_seg_shapes`, `evit_det_shapes`) are generated into
     `data_dir` on first use. Concurrent processes are safe: on a local file system the
     build runs under an exclusive file lock; on remote storage JAX process 0 builds and
     the others wait for the finished dataset.
-- real datasets (`imagenet2012`, `cityscapes`, `ade20k`) must be prepared by the user;
+- real datasets (`imagenet2012`, `cityscapes`, `ade20k`, `coco`) must be prepared by the user;
     a missing one raises FileNotFoundError with the exact command to prepare it.
 
 - your own datasets, prepared under a name of your choice by `python -m evit_jax.data.prepare`
@@ -59,6 +59,7 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {
     "evit_shapes": _Entry("evit_jax.data.synthetic_cls:EvitShapes", "classification", True),
     "evit_seg_shapes": _Entry("evit_jax.data.synthetic_seg:EvitSegShapes", "segmentation", True),
+    "evit_det_shapes": _Entry("evit_jax.data.synthetic_det:EvitDetShapes", "detection", True),
     "imagenet2012": _Entry(
         "imagenet2012", "classification", False,
         "tfds build imagenet2012 --manual_dir=<dir with ILSVRC2012_img_{{train,val}}.tar> "
@@ -71,13 +72,19 @@ _REGISTRY: dict[str, _Entry] = {
         "evit_jax.data.ade20k:Ade20k", "segmentation", False,
         "python -m evit_jax.data.prepare ade20k --src <ADEChallengeData2016 dir> "
         "--data_dir={data_dir}"),
+    "coco": _Entry(
+        "evit_jax.data.coco:Coco2017", "detection", False,
+        "python -m evit_jax.data.prepare coco --src <dir with train2017.zip, val2017.zip and "
+        "annotations_trainval2017.zip, zipped or extracted> --data_dir={data_dir}"),
 }
 
 
 # Metadata a user-named dataset stores (tfds `DatasetInfo.metadata`) so that it reads back
 # without its builder class: {"evit_task": task, "image_key": ..., "label_key": ...,
-# "class_names": [...] (when the label is not a ClassLabel), "ignore_index": int (seg)}.
-METADATA_KEYS = ("evit_task", "image_key", "label_key", "class_names", "ignore_index")
+# "class_names": [...] (when the label is not a ClassLabel), "ignore_index": int (seg),
+# "category_ids": [...] (detection: the original category id of each contiguous class)}.
+# Built-in builders may store class_names / category_ids there too (COCO reads them from its JSON).
+METADATA_KEYS = ("evit_task", "image_key", "label_key", "class_names", "ignore_index", "category_ids")
 _USER_PREPARE = ("python -m evit_jax.data.prepare image_folder --name {name} --src DIR --data_dir {data_dir} | "
                  "python -m evit_jax.data.prepare coco_json --name {name} --images DIR --train_json A.json "
                  "--val_json B.json --data_dir {data_dir}")
@@ -95,6 +102,7 @@ class DatasetInfo:
     ignore_index: int | None            # label value excluded from losses/metrics (seg only)
     image_key: str
     label_key: str
+    category_ids: tuple[int, ...] | None = None   # detection: original category id of class k
 
 
 def list_datasets() -> list[str]:
@@ -151,6 +159,11 @@ def _builder_class(entry: _Entry) -> type | None:
     module_name, class_name = entry.builder_ref.split(":")
     module = importlib.import_module(module_name)
     return getattr(module, class_name)
+
+
+def prepared_user_dataset(name: str, data_dir: str) -> str | None:
+    """data_dir/NAME/<newest version> when a user-named dataset ``name`` is prepared there, else None."""
+    return _user_dataset_dir(name, _normalise_dir(data_dir))
 
 
 def _user_dataset_dir(name: str, data_dir: str) -> str | None:
@@ -341,23 +354,25 @@ def _label_key(features: tfds.features.FeaturesDict, task: str) -> str:
 
 
 def _attributes(name: str, builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
-    """task, image_key, label_key, class_names, num_classes, ignore_index of a dataset: from
-    its builder class (built-in) or its stored metadata (user-named)."""
+    """task, image_key, label_key, class_names, num_classes, ignore_index, category_ids of a
+    dataset: from its builder class (built-in) or its stored metadata (user-named; built-in
+    builders that read their classes from the data, like COCO, store them there too)."""
     entry = _REGISTRY.get(_split_name(name)[0])
     features = builder.info.features
+    meta = dict(builder.info.metadata or {})
+    names = meta.get("class_names")
     if entry is not None:
         cls = _builder_class(entry)
         task = entry.task
         attrs = {"image_key": getattr(cls, "IMAGE_KEY", "image"), "label_key": getattr(cls, "LABEL_KEY", None),
-                 "class_names": tuple(getattr(cls, "CLASS_NAMES", ())) or None,
-                 "num_classes": getattr(cls, "NUM_CLASSES", None), "ignore_index": getattr(cls, "IGNORE_INDEX", None)}
+                 "class_names": tuple(getattr(cls, "CLASS_NAMES", ())) or (tuple(names) if names else None),
+                 "num_classes": getattr(cls, "NUM_CLASSES", None), "ignore_index": getattr(cls, "IGNORE_INDEX", None),
+                 "category_ids": getattr(cls, "CATEGORY_IDS", None) or meta.get("category_ids")}
     else:
-        meta = dict(builder.info.metadata)
         task = meta["evit_task"]
-        names = meta.get("class_names")
         attrs = {"image_key": meta.get("image_key", "image"), "label_key": meta.get("label_key"),
                  "class_names": tuple(names) if names else None, "num_classes": None,
-                 "ignore_index": meta.get("ignore_index")}
+                 "ignore_index": meta.get("ignore_index"), "category_ids": meta.get("category_ids")}
     attrs["task"] = task
     attrs["label_key"] = attrs["label_key"] or _label_key(features, task)
     label_feature = features[attrs["label_key"]]
@@ -371,11 +386,20 @@ def _attributes(name: str, builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
         attrs["ignore_index"] = 255
     elif task != "segmentation":
         attrs["ignore_index"] = None
+    if task == "detection":
+        ids = attrs["category_ids"]
+        attrs["category_ids"] = tuple(int(i) for i in ids) if ids else tuple(range(attrs["num_classes"]))
+        if len(attrs["category_ids"]) != attrs["num_classes"]:
+            raise ValueError(f"Dataset {name!r} declares {len(attrs['category_ids'])} category ids for "
+                             f"{attrs['num_classes']} classes.")
+    else:
+        attrs["category_ids"] = None
     return attrs
 
 
 def get_info(name: str, data_dir: str, *, build: bool = True) -> DatasetInfo:
-    """Number of classes, split sizes, class names, ignore index and feature keys of `name`.
+    """Number of classes, split sizes, class names, ignore index, feature keys and (detection)
+    original category ids of `name`.
 
     Built-in datasets are generated if needed (split sizes are known only once built;
     ``build=False``: never); a missing dataset raises FileNotFoundError like `get_source`.
@@ -391,4 +415,5 @@ def get_info(name: str, data_dir: str, *, build: bool = True) -> DatasetInfo:
         ignore_index=None if a["ignore_index"] is None else int(a["ignore_index"]),
         image_key=a["image_key"],
         label_key=a["label_key"],
+        category_ids=a["category_ids"],
     )

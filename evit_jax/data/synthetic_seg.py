@@ -88,8 +88,8 @@ def shape_mask(class_id: int, size: int, cx: float, cy: float, radius: float,
 
 
 # ----------------------------------------------------------------------------- textures
-def _texture(rng: np.random.Generator, size: int, colour_a: np.ndarray,
-             colour_b: np.ndarray) -> np.ndarray:
+def texture(rng: np.random.Generator, size: int, colour_a: np.ndarray,
+            colour_b: np.ndarray) -> np.ndarray:
     """A float32 (size, size, 3) texture blending two colours by a random pattern."""
     yy, xx = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
     kind = int(rng.integers(4))
@@ -111,7 +111,8 @@ def _texture(rng: np.random.Generator, size: int, colour_a: np.ndarray,
     return colour_a + np.clip(t, 0, 1)[..., None] * (colour_b - colour_a)
 
 
-def _colour_far_from(rng: np.random.Generator, reference: np.ndarray) -> np.ndarray:
+def colour_far_from(rng: np.random.Generator, reference: np.ndarray) -> np.ndarray:
+    """A random RGB colour at least _MIN_CONTRAST from ``reference`` (also used by synthetic_det)."""
     for _ in range(64):
         colour = rng.uniform(0, 255, size=3)
         if np.linalg.norm(colour - reference) >= _MIN_CONTRAST:
@@ -119,10 +120,12 @@ def _colour_far_from(rng: np.random.Generator, reference: np.ndarray) -> np.ndar
     return 255.0 - reference  # Always far enough from a mid-range reference.
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A float32 (size, size, 3) textured background with small distractor dots and lines
+    (also the background of synthetic_det's scenes)."""
     base = rng.uniform(0, 255, size=3)
     other = np.clip(base + rng.normal(0, 45, size=3), 0, 255)
-    image = _texture(rng, size, base, other)
+    image = texture(rng, size, base, other)
     # Distractors: small dots and thin lines, all background.
     layer = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(layer)
@@ -166,17 +169,17 @@ def _label_boundaries(labels: np.ndarray) -> np.ndarray:
 
 def generate_scene(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """One scene: (uint8 (size, size, 3) image, uint8 (size, size) mask with 255 = ignore)."""
-    image = _background(rng, size)
+    image = background(rng, size)
     background_mean = image.reshape(-1, 3).mean(axis=0)
     labels = np.zeros((size, size), dtype=np.uint8)
     for cx, cy, radius in _place_objects(rng, size):
         class_id = int(rng.integers(1, len(CLASS_NAMES)))
         region = shape_mask(class_id, size, cx, cy, radius, rng.uniform(0, 2 * np.pi))
-        colour = _colour_far_from(rng, background_mean)
+        colour = colour_far_from(rng, background_mean)
         if rng.uniform() < 0.5:
             image[region] = colour
         else:  # A two-tone texture around the object's colour.
-            fill = _texture(rng, size, colour, np.clip(colour + rng.normal(0, 35, 3), 0, 255))
+            fill = texture(rng, size, colour, np.clip(colour + rng.normal(0, 35, 3), 0, 255))
             image[region] = fill[region]
         labels[region] = class_id
     image += 4 * rng.standard_normal(size=image.shape, dtype=np.float32)  # Pixel noise.

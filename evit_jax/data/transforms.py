@@ -10,10 +10,12 @@ Pure functions of (image, numpy Generator) follow torchvision semantics on PIL i
 - `random_horizontal_flip`.
 - `resize_center_crop`: the official evaluation protocol, resize the short side to
     ceil(size / crop_ratio) with bicubic, then centre-crop `size`.
+- RandAugment (`evit_jax.data.randaugment`, timm's `rand-n{n}-m{m}-mstd1.0-inc1`) and the
+    box of random erasing (`evit_jax.data.random_erasing`; the box is zeroed on the device
+    after normalisation, exactly as timm erases the normalised tensor).
 
 Outputs stay uint8 HWC: mean/std normalisation happens on the device (4x fewer bytes
-to move, and cheaper there). RandAugment / RandomErasing of the official B1+/L recipes
-are NOT implemented (not needed for the synthetic demo; see docs/data.md).
+to move, and cheaper there).
 
 `ClassificationTrainTransform` / `ClassificationEvalTransform` bundle these into the
 callables that `evit_jax.data.pipeline` runs in grain (picklable, so they run in grain
@@ -30,6 +32,9 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from evit_jax.data import random_erasing
+from evit_jax.data.randaugment import RandAugment
+
 _PIL_MODES = {
     "nearest": Image.NEAREST,
     "bilinear": Image.BILINEAR,
@@ -42,6 +47,19 @@ _PIL_MODES = {
 RANDOM_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 Size = int | tuple[int, int]
+
+# ImageNet statistics on 0..255 pixels (every EfficientViT model is trained with them).
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
+
+
+def normalize_images(images):
+    """uint8 NHWC -> float32 ``(x - mean) / std`` with the ImageNet statistics.
+
+    Written with array methods only, so the same function normalises numpy arrays on the host and
+    jax arrays inside jit (the tasks' device-side preprocessing) without this package importing jax.
+    """
+    return (images.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD
 
 
 def _hw(size: Size) -> tuple[int, int]:
@@ -111,6 +129,20 @@ def random_resized_crop_params(height: int, width: int, rng: np.random.Generator
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def random_resized_crop_pil(image: np.ndarray, size: Size, rng: np.random.Generator,
+                            scale: tuple[float, float] = (0.08, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                            interpolation: str | Sequence[str] = "random") -> Image.Image:
+    """`random_resized_crop` returning the PIL image (for PIL ops that follow, one copy less)."""
+    choices = _interpolation_choices(interpolation)
+    top, left, h, w = random_resized_crop_params(image.shape[0], image.shape[1], rng, scale, ratio)
+    mode = choices[int(rng.integers(len(choices)))] if len(choices) > 1 else choices[0]
+    height, width = _hw(size)
+    # Crop first (torchvision's crop-then-resize; PIL's resize `box` would sample outside it).
+    crop = Image.fromarray(np.ascontiguousarray(image[top:top + h, left:left + w]))
+    return crop.resize((width, height), _PIL_MODES[mode])
+
+
 def random_resized_crop(image: np.ndarray, size: Size, rng: np.random.Generator,
                         scale: tuple[float, float] = (0.08, 1.0),
                         ratio: tuple[float, float] = (3 / 4, 4 / 3),
@@ -120,17 +152,15 @@ def random_resized_crop(image: np.ndarray, size: Size, rng: np.random.Generator,
     `interpolation`: a mode name, a tuple of names drawn from per call, or "random"
     (the official recipe: any of RANDOM_INTERPOLATIONS).
     """
-    choices = _interpolation_choices(interpolation)
-    top, left, h, w = random_resized_crop_params(image.shape[0], image.shape[1], rng, scale, ratio)
-    mode = choices[int(rng.integers(len(choices)))] if len(choices) > 1 else choices[0]
-    crop = image[top:top + h, left:left + w]
-    return resize(np.ascontiguousarray(crop), size, mode)
+    return np.asarray(random_resized_crop_pil(image, size, rng, scale, ratio, interpolation))
 
 
-def random_horizontal_flip(image: np.ndarray, rng: np.random.Generator,
-                           probability: float = 0.5) -> np.ndarray:
-    """Mirrors the image left-right with `probability`."""
+def random_horizontal_flip(image: np.ndarray | Image.Image, rng: np.random.Generator,
+                           probability: float = 0.5) -> np.ndarray | Image.Image:
+    """Mirrors the image (numpy HWC or PIL) left-right with `probability`."""
     if rng.uniform() < probability:
+        if isinstance(image, Image.Image):
+            return image.transpose(Image.FLIP_LEFT_RIGHT)
         return np.ascontiguousarray(image[:, ::-1])
     return image
 
@@ -170,17 +200,24 @@ def resize_center_crop(image: np.ndarray, size: int, crop_ratio: float = 1.0,
 
 @dataclasses.dataclass(frozen=True)
 class ClassificationTrainTransform:
-    """Training transform: decode, RandomResizedCrop to the batch's size, flip.
+    """Training transform: decode, RandomResizedCrop to the batch's size, flip, then
+    optionally RandAugment and the random-erasing box (the official recipe's order).
 
     Called by the train pipeline as `transform(example, size, rng)`, where `size` is the
     (height, width) drawn for the whole batch and `rng` a per-example numpy Generator.
-    Returns {"image": uint8 (h, w, 3), "label": int32 scalar}.
+    Returns {"image": uint8 (h, w, 3), "label": int32 scalar}, plus "erase_box" int32 (4,)
+    (`random_erasing.random_erasing_box`) when `erasing_prob` > 0.
+
+    `randaugment`: (n, m) for timm's `rand-n{n}-m{m}-mstd1.0-inc1` with the official hparams
+    (`randaugment.RandAugment`), or None. `erasing_prob`: timm RandomErasing probability.
     """
 
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     interpolation: str | tuple[str, ...] = "random"
     flip_probability: float = 0.5
+    randaugment: tuple[int, float] | None = None
+    erasing_prob: float = 0.0
     image_key: str = "image"
     label_key: str = "label"
 
@@ -190,13 +227,29 @@ class ClassificationTrainTransform:
             raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}.")
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"ratio must satisfy 0 < min <= max, got {self.ratio}.")
+        if self.randaugment is not None:
+            if len(self.randaugment) != 2:
+                raise ValueError(f"randaugment must be (num_ops, magnitude) or None, got {self.randaugment!r}.")
+            self._randaugment()
+        if not 0 <= self.erasing_prob <= 1:
+            raise ValueError(f"erasing_prob must be in [0, 1], got {self.erasing_prob}.")
+
+    def _randaugment(self) -> RandAugment:
+        num_ops, magnitude = self.randaugment
+        return RandAugment(int(num_ops), float(magnitude))
 
     def __call__(self, example: dict[str, Any], size: Size,
                  rng: np.random.Generator) -> dict[str, np.ndarray]:
-        image = decode_image(example[self.image_key])
-        image = random_resized_crop(image, size, rng, self.scale, self.ratio, self.interpolation)
+        image = random_resized_crop_pil(decode_image(example[self.image_key]), size, rng,
+                                        self.scale, self.ratio, self.interpolation)
         image = random_horizontal_flip(image, rng, self.flip_probability)
-        return {"image": image, "label": np.int32(example[self.label_key])}
+        if self.randaugment is not None:
+            image = self._randaugment()(image, rng)
+        out = {"image": np.asarray(image), "label": np.int32(example[self.label_key])}
+        if self.erasing_prob > 0:
+            out[random_erasing.ERASE_BOX_KEY] = random_erasing.random_erasing_box(
+                image.height, image.width, rng, self.erasing_prob)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

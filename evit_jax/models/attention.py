@@ -18,14 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from evit_jax.models.attention_kernels import (  # noqa: F401  (re-exported: the historical home of these)
-    ATTENTION_KERNELS,
-    AttentionFn,
-    get_attention_kernel,
-    parse_attention,
-    relu_linear_attention,
-    relu_quadratic_attention,
-)
+from evit_jax.models.attention_kernels import parse_attention, relu_quadratic_attention
 from evit_jax.models.layers import Conv2d, ConvLayer, LayerConfig, MBConv, make_residual
 
 
@@ -70,7 +63,7 @@ class LiteMLA(nn.Module):
 
         n = height * width
         qkv = qkv.reshape(batch, n, -1, 3 * self.dim).astype(jnp.float32)
-        q, k, v = qkv[..., : self.dim], qkv[..., self.dim : 2 * self.dim], qkv[..., 2 * self.dim :]
+        q, k, v = jnp.split(qkv, [self.dim, 2 * self.dim], axis=-1)
         if spec.name == "relu_linear" and self.quadratic_fallback and n <= self.dim:
             out = relu_quadratic_attention(q, k, v, eps=self.eps)
         else:

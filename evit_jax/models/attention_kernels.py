@@ -64,7 +64,9 @@ def relu_linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: floa
     v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
     vk = jnp.einsum("bnhe,bnhd->bhed", v, k, precision=HIGHEST)
     out = jnp.einsum("bhed,bnhd->bnhe", vk, q, precision=HIGHEST)
-    return out[..., :-1] / (out[..., -1:] + eps)
+    # A split, not out[..., :-1]: under a symbolic batch (exports) indexing lowers to a gather TFLite rejects.
+    numerator, denominator = jnp.split(out, [out.shape[-1] - 1], axis=-1)
+    return numerator / (denominator + eps)
 
 
 def relu_quadratic_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float) -> jax.Array:

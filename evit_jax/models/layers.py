@@ -9,7 +9,7 @@ inside FusedMBConv, `conv1`/`conv2` inside ResBlock, and `main` inside a residua
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -32,6 +32,8 @@ class LayerConfig:
     conv_impl: "auto" | "lax" | "fast" (see ops.conv2d).
     zero_last_gamma: initialise the last BN scale of every identity-residual block to zero
       (official `--last_gamma 0`).
+    fold_batch_norm: build every ConvLayer's conv -> BatchNorm as one conv with a bias, for inference
+      with variables made by `evit_jax.models.fold.fold_batch_norm` (no `norm` parameters, no batch_stats).
     """
 
     dtype: Dtype = jnp.float32
@@ -40,6 +42,7 @@ class LayerConfig:
     bn_momentum: float = 0.9  # Flax convention: PyTorch momentum 0.1
     conv_impl: str = "auto"
     zero_last_gamma: bool = True
+    fold_batch_norm: bool = False
 
 
 def _triple(value, n: int) -> tuple:
@@ -115,6 +118,7 @@ class Conv2d(nn.Module):
     stride: int = 1
     groups: int = 1
     use_bias: bool = False
+    bias_init: Callable[..., jax.Array] = nn.initializers.zeros  # YOLOX's prediction convs start at a prior
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -132,13 +136,17 @@ class Conv2d(nn.Module):
             conv_impl=self.cfg.conv_impl,
         )
         if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.cfg.param_dtype)
+            bias = self.param("bias", self.bias_init, (self.features,), self.cfg.param_dtype)
             y = y + bias.astype(self.cfg.dtype)
         return y
 
 
 class ConvLayer(nn.Module):
-    """Conv2d -> optional BatchNorm -> optional activation (official `ConvLayer`)."""
+    """Conv2d -> optional BatchNorm -> optional activation (official `ConvLayer`).
+
+    With `cfg.fold_batch_norm` the BatchNorm is already folded into the conv's kernel and bias
+    (evit_jax/models/fold.py): the layer is Conv2d(use_bias=True) -> activation, inference only.
+    """
 
     features: int
     kernel_size: int
@@ -156,16 +164,19 @@ class ConvLayer(nn.Module):
         if self.dropout > 0:
             # Dropout2d: whole channels are dropped.
             x = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)(x)
+        folded = self.norm and self.cfg.fold_batch_norm
+        if folded and train:
+            raise ValueError(f"ConvLayer {self.name}: a model with folded BatchNorm is inference-only (train=False)")
         x = Conv2d(
             self.features,
             self.kernel_size,
             self.cfg,
             stride=self.stride,
             groups=self.groups,
-            use_bias=self.use_bias,
+            use_bias=self.use_bias or folded,
             name="conv",
         )(x)
-        if self.norm:
+        if self.norm and not folded:
             x = BatchNorm(self.cfg, zero_init=self.zero_init_norm, name="norm")(x, train)
         act = ops.get_activation(self.act)
         return act(x) if act is not None else x

@@ -1,7 +1,8 @@
 """The model zoo: every official EfficientViT model, created by name.
 
 Names: `efficientvit_{b0..b3,l1..l3}` (ImageNet classification), `efficientvit_seg_<v>_<dataset>`
-(Cityscapes / ADE20K segmentation) and `efficientvit_backbone_{b0..b3,l0..l3}` (feature dicts).
+(Cityscapes / ADE20K segmentation), `efficientvit_backbone_{b0..b3,l0..l3}` (feature dicts) and
+`efficientvit[_v1]_det_{b0..b3}` (COCO detection, registered by evit_jax/models/det.py).
 The official hyphenated names (`efficientvit-b1`, `efficientvit-seg-b1-cityscapes`) and timm names with a
 pretrained tag (`efficientvit_b1.r224_in1k`) are accepted as aliases.
 """
@@ -224,6 +225,7 @@ def create_model(
     attention_options: Mapping[str, Any] | None = None,
     scales: Sequence[int] | None = None,
     block_design: str | None = None,
+    fold_batch_norm: bool = False,
 ) -> nn.Module:
     """Build an EfficientViT model by name (see `list_models()`).
 
@@ -238,6 +240,8 @@ def create_model(
       (None: the architecture's own); see evit_jax/models/attention_kernels.py and docs/ablation.md.
     block_design: "v2" (released code) or "v1" (paper-v1 blocks, B family only, evit_jax/models/v1.py);
       None: the name's own (`efficientvit_v1_b1` is v1).
+    fold_batch_norm: an inference-only model whose BatchNorms are folded into the preceding convs; it takes
+      the variables of `evit_jax.models.fold.fold_batch_norm` (see `evit_jax.models.fold.folded_model`).
     """
     spec = get_model_spec(name)
     if numerics not in ("official", "timm"):
@@ -252,7 +256,7 @@ def create_model(
     timm = numerics == "timm"
     attention = attention_spec_string(attention, attention_options, None if scales is None else tuple(scales))
     cfg = LayerConfig(dtype=dtype, param_dtype=param_dtype, bn_eps=bn_eps or FAMILY_BN_EPS.get(spec.family, 1e-5),
-                      conv_impl=conv_impl, zero_last_gamma=zero_last_gamma)
+                      conv_impl=conv_impl, zero_last_gamma=zero_last_gamma, fold_batch_norm=fold_batch_norm)
     attention_kw = dict(
         attention=attention,
         attention_eps=attention_eps if attention_eps is not None else (TIMM_ATTENTION_EPS if timm else OFFICIAL_ATTENTION_EPS),
@@ -260,3 +264,6 @@ def create_model(
     )
     options = BuildOptions(spec, cfg, attention_kw, num_classes, drop_path_rate, drop_path_skip, dropout, design, timm)
     return _REGISTRY[spec.name][1](options)
+
+# Detection models register themselves (evit_jax/models/det.py imports this module's builders).
+import evit_jax.models.det  # noqa: E402,F401

@@ -1,10 +1,13 @@
-"""Tasks: what to train on and how to score it. See `evit_jax/tasks/base.py` for the interface."""
+"""Tasks: what to train on and how to score it. See `evit_jax/tasks/base.py` for the interface and
+`evit_jax/tasks/config.py` for every config key. Light to import: each task loads on first use."""
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from evit_jax.tasks.base import Task
+if TYPE_CHECKING:
+    from evit_jax.tasks.base import Task
 
 # name -> "module:Class", imported lazily so a task's dependencies load only when used.
 TASKS = {
@@ -13,7 +16,7 @@ TASKS = {
 }
 
 
-def get_task(config) -> Task:
+def get_task(config) -> "Task":
     """Instantiates the task named by ``config.task``."""
     name = config.task
     if name not in TASKS:
@@ -28,4 +31,4 @@ def get_task(config) -> Task:
     return getattr(module, class_name)(config)
 
 
-__all__ = ["TASKS", "Task", "get_task"]
+__all__ = ["TASKS", "get_task"]

@@ -10,8 +10,13 @@ Two kinds of methods
 --------------------
 *Host side* (plain Python, called once or per batch outside jit):
 
-* :meth:`Task.check` - validate the config against the data and model (dataset present,
-  model name known, ...) and raise ONE clear ValueError/FileNotFoundError before any work.
+* :meth:`Task.check_config` - validate the config alone (its keys: exactly the common keys plus the
+  task's section of `evit_jax/tasks/config.py`; model name known and of this task; sizes...) and
+  raise ONE clear ValueError; no I/O, so the loop runs it before anything else (with the checks of
+  the batch size against the devices) - a mistake is reported in a second, before any dataset is
+  built or read.
+* :meth:`Task.check_data` - the checks that need the dataset (present, has the splits, matches the
+  model): ONE clear ValueError/FileNotFoundError (with the command that prepares a missing one).
 * :meth:`Task.create_model` - the Flax module.
 * :meth:`Task.train_iterator` / :meth:`Task.eval_iterator` - this process's share of the
   data as batches of numpy arrays (``local_batch_size`` examples each). The train iterator
@@ -28,7 +33,8 @@ Two kinds of methods
   eval key a numpy batch has (selects the executable). The eval iterator may change shapes
   from batch to batch (segmentation evaluates every image at its own size) but must yield
   the same shapes at the same batch index on every process.
-* :meth:`Task.finalize_eval` - turn the summed statistics of a whole evaluation into metrics.
+* :meth:`Task.finalize_eval` - turn the summed statistics (and the per-example records, if
+  the task has any) of a whole evaluation into metrics.
 
 *Device side* (traced inside ``jax.jit`` on GLOBAL, batch-sharded ``jax.Array`` s; they must
 be pure jnp code, with no Python control flow on values):
@@ -41,8 +47,19 @@ be pure jnp code, with no Python control flow on values):
   averaged over the global batch (train batches are never padded).
 * :meth:`Task.eval_statistics` - ``(outputs, targets, mask) -> {name: array}`` of per-batch
   SUMMABLE statistics (counts, sums, per-class histograms...) that ignore padded examples
-  (``mask == 0``). Summing them over batches (the loop does it on the host in float64/int64)
-  gives exact global statistics across devices and hosts; use integer dtypes for counts.
+  (``mask == 0``). Summing them over batches gives exact global statistics across devices
+  and hosts: the loop sums on the device, integers exactly and floats with compensated
+  summation (`evit_jax/train/exact_sum.py`), and hands ``finalize_eval`` int64/float64 sums;
+  use integer dtypes for counts.
+* :meth:`Task.eval_records` (optional) - ``(outputs, targets, batch) -> {name: array}`` of
+  PER-EXAMPLE outputs (leading axis = the global batch) for evaluations that are not sums of
+  statistics, e.g. object detection, whose COCO evaluation needs every detection. It is traced
+  in the same eval step; the loop copies the records of every batch to the host while the next
+  batch runs, keeps the real examples only (``mask == 1``), concatenates them over the split in
+  the order of the eval batches, on every process, and passes them to ``finalize_eval``. That
+  order is the split's order for one-shape eval iterators (``pipeline.make_eval_iterator``);
+  bucketed iterators order by bucket, so a task that matches records to examples records an id
+  taken from the batch. Default: no records (nothing is fetched per batch).
 
 Model contract: ``outputs = model.apply(variables, inputs, train=..., ...)`` is whatever the
 task's model returns (logits for classification, stride-8 logits for segmentation).
@@ -55,10 +72,11 @@ import os
 from typing import Any, Hashable, Iterable, Iterator, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from evit_jax.models import get_model_spec
+from evit_jax.models import create_model, get_model_spec, list_models
 
 Batch = Mapping[str, Any]
 Resolution = tuple[int, int]
@@ -74,9 +92,15 @@ class Task(abc.ABC):
         self.config = config
 
     # ------------------------------------------------------------------ host side
+    def check_config(self) -> None:
+        """Raise one clear ValueError if the config alone cannot run (no I/O)."""
+        from evit_jax.tasks.config import check_keys
+
+        check_keys(self.config)
+
     @abc.abstractmethod
-    def check(self) -> None:
-        """Raise one clear error if the config cannot run (missing dataset, wrong model...)."""
+    def check_data(self) -> None:
+        """Raise one clear error if the dataset cannot serve this config (missing, wrong splits...)."""
 
     @abc.abstractmethod
     def create_model(self) -> nn.Module:
@@ -158,8 +182,11 @@ class Task(abc.ABC):
         return False
 
     @abc.abstractmethod
-    def finalize_eval(self, sums: Mapping[str, np.ndarray]) -> dict[str, float]:
-        """Metrics from statistics summed over the whole eval set."""
+    def finalize_eval(self, sums: Mapping[str, np.ndarray],
+                      records: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Metrics from the statistics summed over the whole eval set (:meth:`eval_statistics`,
+        as int64/float64) and the per-example records of its real examples (:meth:`eval_records`,
+        concatenated over the split; empty for a task without records)."""
 
     # ------------------------------------------------------------------ device side
     @abc.abstractmethod
@@ -177,6 +204,12 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def eval_statistics(self, outputs: Any, targets: Any, mask: jax.Array) -> dict[str, jax.Array]:
         """Per-batch summable statistics ignoring padded examples; runs inside jit."""
+
+    def eval_records(self, outputs: Any, targets: Any, batch: Batch) -> dict[str, jax.Array] | None:
+        """Per-example eval outputs ``{name: array}`` whose leading axis is the global batch
+        (padding included: the loop drops it), for :meth:`finalize_eval`; runs inside jit.
+        Default None: the task's evaluation is a sum of :meth:`eval_statistics`."""
+        return None
 
 
 class DatasetTask(Task):
@@ -209,3 +242,34 @@ class DatasetTask(Task):
     @property
     def model_name(self) -> str:
         return get_model_spec(self.config.model.name).name
+
+    def check_config(self) -> None:
+        super().check_config()
+        spec = get_model_spec(self.config.model.name)  # ValueError (with close matches) on an unknown name
+        if spec.task != self.name:
+            raise ValueError(f"model {spec.name!r} is a {spec.task} model; the {self.name} task needs one of "
+                             f"{', '.join(list_models(self.name))}.")
+
+    def check_data(self) -> None:
+        """The dataset exists (FileNotFoundError with the command that prepares it), is of this task
+        and has the configured splits."""
+        info = self.info
+        if info.task != self.name:
+            raise ValueError(f"dataset {info.name!r} is a {info.task} dataset, not {self.name}.")
+        for split in (self.config.data.train_split, self.config.data.eval_split):
+            if split.split("[")[0] not in info.split_sizes:
+                raise ValueError(f"dataset {info.name!r} has no split {split!r}; splits: {sorted(info.split_sizes)}.")
+
+    def create_model(self) -> nn.Module:
+        """The zoo model of config.model (compute dtype from config.model.dtype, float32 params)."""
+        m = self.config.model
+        return create_model(m.name, num_classes=self.num_classes, dtype=jnp.dtype(m.dtype),
+                            param_dtype=jnp.float32, attention=m.attention,
+                            drop_path_rate=m.drop_path_rate, drop_path_skip=m.drop_path_skip,
+                            conv_impl=m.conv_impl)
+
+    def num_train_examples(self) -> int:
+        from evit_jax.data import sources
+
+        d = self.config.data
+        return len(sources.get_source(d.name, d.train_split, self.data_dir))

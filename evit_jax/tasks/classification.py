@@ -1,34 +1,38 @@
 """Image classification (ImageNet recipe of EfficientViT; the built-in ``evit_shapes`` demo).
 
 Host side: grain pipelines from ``evit_jax.data`` (RandomResizedCrop + flip at a per-batch
-resolution for training; resize + centre crop for evaluation), images stay uint8.
-Device side: normalisation, label smoothing, mixup/cutmix (exactly one per step, chosen with
-equal probability, lambda ~ Beta(alpha, alpha) shared by the batch as in the official
-recipe), BCE-with-logits (official ``bce: true``) or softmax cross-entropy, and exact
-top-1/top-5 counts for evaluation.
+resolution, optional RandAugment and random-erasing boxes for training; resize + centre crop
+for evaluation), images stay uint8.
+Device side: normalisation, random erasing of the host's boxes, label smoothing, mixup/cutmix
+(exactly one per step, chosen with equal probability, lambda ~ Beta(alpha, alpha) shared by
+the batch as in the official recipe), BCE-with-logits (official ``bce: true``) or softmax
+cross-entropy, and exact top-1/top-5 counts for evaluation.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import linen as nn
 
-from evit_jax.data import pipeline, sources, transforms
-from evit_jax.models import create_model, get_model_spec
+from evit_jax.data import pipeline, random_erasing, sources, transforms
+from evit_jax.data.transforms import normalize_images
 from evit_jax.tasks.base import DatasetTask
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
 
-
-def normalize_images(images: jax.Array) -> jax.Array:
-    """uint8 NHWC -> float32, ImageNet mean/std on 0..255 pixels."""
-    return (images.astype(jnp.float32) - IMAGENET_MEAN) / IMAGENET_STD
+def erase_boxes(images: jax.Array, boxes: jax.Array) -> jax.Array:
+    """Sets box ``boxes[i]`` = [top, left, height, width] (int, (N, 4)) of normalised NHWC image i
+    to 0: timm's RandomErasing in its default ``const`` mode, on the boxes the host drew
+    (``evit_jax.data.random_erasing``; a 0-size box leaves the image untouched)."""
+    _, h, w, _ = images.shape
+    top, left, height, width = (boxes[:, k, None, None] for k in range(4))
+    ys = jnp.arange(h)[None, :, None]
+    xs = jnp.arange(w)[None, None, :]
+    inside = (ys >= top) & (ys < top + height) & (xs >= left) & (xs < left + width)
+    return jnp.where(inside[..., None], jnp.zeros((), images.dtype), images)
 
 
 def smooth_labels(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
@@ -107,31 +111,18 @@ class ClassificationTask(DatasetTask):
 
     # ------------------------------------------------------------------ host side
 
-    def check(self) -> None:
-        spec = get_model_spec(self.config.model.name)  # ValueError on an unknown model
-        if spec.task != "classification":
-            raise ValueError(f"model {spec.name!r} is a {spec.task} model; the classification task needs "
-                             "efficientvit_{b0..b3,l1..l3}.")
-        info = self.info  # FileNotFoundError (with the prepare command) if the dataset is missing
-        if info.task != "classification":
-            raise ValueError(f"dataset {info.name!r} is a {info.task} dataset, not classification.")
-        for split in (self.config.data.train_split, self.config.data.eval_split):
-            if split.split("[")[0] not in info.split_sizes:
-                raise ValueError(f"dataset {info.name!r} has no split {split!r}; splits: {sorted(info.split_sizes)}.")
-        for size in list(self.config.data.image_sizes) + [self.config.data.eval_image_size]:
+    def check_config(self) -> None:
+        super().check_config()
+        d = self.config.data
+        for size in list(d.image_sizes) + [d.eval_image_size]:
             if int(size) % 32:
                 raise ValueError(f"image size {size} is not a multiple of 32 (EfficientViT downsamples by 32).")
-
-    def create_model(self) -> nn.Module:
-        m = self.config.model
-        return create_model(m.name, num_classes=self.num_classes, dtype=jnp.dtype(m.dtype),
-                            param_dtype=jnp.float32, attention=m.attention,
-                            drop_path_rate=m.drop_path_rate, drop_path_skip=m.drop_path_skip,
-                            conv_impl=m.conv_impl)
-
-    def num_train_examples(self) -> int:
-        d = self.config.data
-        return len(sources.get_source(d.name, d.train_split, self.data_dir))
+        if len(d.randaugment) not in (0, 2) or (len(d.randaugment) == 2 and not (
+                int(d.randaugment[0]) >= 1 and 0 <= float(d.randaugment[1]) <= 10)):
+            raise ValueError(f"config.data.randaugment={tuple(d.randaugment)} must be () or (n >= 1 ops, "
+                             "magnitude m in [0, 10]), e.g. (2, 5).")
+        if not 0.0 <= float(d.erasing_prob) <= 1.0:
+            raise ValueError(f"config.data.erasing_prob={d.erasing_prob} must lie in [0, 1].")
 
     def train_resolutions(self):
         return [(int(s), int(s)) for s in self.config.data.image_sizes]
@@ -145,6 +136,7 @@ class ClassificationTask(DatasetTask):
         source = sources.get_source(d.name, d.train_split, self.data_dir)
         transform = transforms.ClassificationTrainTransform(
             scale=(float(d.rrc_scale_min), 1.0), flip_probability=0.5 if d.hflip else 0.0,
+            randaugment=tuple(int(v) for v in d.randaugment) or None, erasing_prob=float(d.erasing_prob),
             image_key=self.info.image_key, label_key=self.info.label_key)
         return pipeline.make_train_iterator(
             source, transform, global_batch_size=local_batch_size * jax.process_count(),
@@ -164,11 +156,15 @@ class ClassificationTask(DatasetTask):
 
     def train_batch_spec(self, global_batch_size, resolution):
         h, w = resolution
-        return {"image": jax.ShapeDtypeStruct((global_batch_size, h, w, 3), jnp.uint8),
+        spec = {"image": jax.ShapeDtypeStruct((global_batch_size, h, w, 3), jnp.uint8),
                 "label": jax.ShapeDtypeStruct((global_batch_size,), jnp.int32)}
+        if self.config.data.erasing_prob > 0:
+            spec[random_erasing.ERASE_BOX_KEY] = jax.ShapeDtypeStruct((global_batch_size, 4), jnp.int32)
+        return spec
 
     def eval_batch_spec(self, global_batch_size, key):
         spec = self.train_batch_spec(global_batch_size, key)  # key: the eval resolution
+        spec.pop(random_erasing.ERASE_BOX_KEY, None)
         spec["mask"] = jax.ShapeDtypeStruct((global_batch_size,), jnp.int32)
         return spec
 
@@ -176,7 +172,10 @@ class ClassificationTask(DatasetTask):
         # The final LinearLayer of ClsHead (official `head.op_list.3.linear`).
         return path.startswith("head/op_list_3/")
 
-    def finalize_eval(self, sums: Mapping[str, np.ndarray]) -> dict[str, float]:
+    def finalize_eval(self, sums: Mapping[str, np.ndarray],
+                      records: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+        """Top-1/top-5 accuracy (%), mean loss and example count from the summed counts; the
+        task has no per-example records (``records`` is ignored)."""
         n = max(float(sums["count"]), 1.0)
         return {"top1": 100.0 * float(sums["top1_correct"]) / n,
                 "top5": 100.0 * float(sums["top5_correct"]) / n,
@@ -186,6 +185,8 @@ class ClassificationTask(DatasetTask):
     # ------------------------------------------------------------------ device side
     def preprocess_train(self, batch, rng):
         images = normalize_images(batch["image"])
+        if random_erasing.ERASE_BOX_KEY in batch:  # before mixing, as timm erases each sample
+            images = erase_boxes(images, batch[random_erasing.ERASE_BOX_KEY])
         targets = smooth_labels(batch["label"], self.num_classes, self.config.loss.label_smoothing)
         images, targets = mix_batch(images, targets, rng, mixup_alpha=float(self.config.mix.mixup_alpha),
                                     cutmix_alpha=float(self.config.mix.cutmix_alpha))

@@ -33,21 +33,20 @@ the backbone and leaves the head freshly initialised (see :meth:`load_init_varia
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from flax import linen as nn
 
+from evit_jax import interpolation
 from evit_jax.data import pipeline, seg_transforms, sources
-from evit_jax.models import create_model, get_model_spec, list_models
+from evit_jax.models import get_model_spec
 from evit_jax.tasks import seg_metrics
 from evit_jax.tasks.base import DatasetTask
-from evit_jax.tasks.classification import normalize_images
+from evit_jax.data.transforms import normalize_images
 
 EVAL_PROTOCOLS = ("cityscapes", "ade20k", "none")
 UPSAMPLE_METHODS = ("bilinear", "bicubic")
@@ -66,22 +65,13 @@ def bicubic_matrices(in_sizes: jax.Array, out_sizes: jax.Array, padded_in: int, 
     centres, taps clamped to the valid border). Rows and columns beyond the valid sizes are
     zero, so padded logits never leak into the result.
     """
-    a = -0.75
     n_in = jnp.maximum(in_sizes.astype(jnp.int32), 1)[:, None]
     n_out = jnp.maximum(out_sizes.astype(jnp.int32), 1)[:, None]
     scale = n_in.astype(jnp.float32) / n_out.astype(jnp.float32)
     dst = jnp.arange(padded_out, dtype=jnp.float32)[None, :]
     src = (dst + 0.5) * scale - 0.5
     base = jnp.floor(src)
-    t = src - base
-
-    def near(x):
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x):
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    weights = jnp.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)  # (B, out, 4)
+    weights = interpolation.cubic_weights(src - base, xp=jnp)                  # (B, out, 4)
     taps = base.astype(jnp.int32)[..., None] + jnp.arange(-1, 3)                 # (B, out, 4)
     taps = jnp.clip(taps, 0, n_in[..., None] - 1)
     onehot = jax.nn.one_hot(taps, padded_in, dtype=jnp.float32)                  # (B, out, 4, in)
@@ -140,45 +130,6 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int)
 
 
 # ---------------------------------------------------------------------------- host helpers
-@dataclasses.dataclass(frozen=True)
-class _TrainFn:
-    """pipeline train transform: (record, (h, w), rng) -> {"image", "label"} (picklable)."""
-
-    scale_range: tuple[float, float]
-    base_size: tuple[int, int] | None
-    flip_prob: float
-    jitter: seg_transforms.PhotometricJitter | None
-    image_key: str
-    label_key: str
-    ignore_index: int
-
-    def __call__(self, example, size, rng):
-        label = np.asarray(example[self.label_key])
-        return seg_transforms.train_transform(
-            np.asarray(example[self.image_key]), label, rng, crop_size=tuple(size),
-            scale_range=self.scale_range, base_size=self.base_size, flip_prob=self.flip_prob,
-            jitter=self.jitter, ignore_index=self.ignore_index)
-
-
-@dataclasses.dataclass(frozen=True)
-class _EvalFn:
-    """pipeline eval transform: (record, bucket shapes) -> {"image", "label", "image_hw",
-    "label_hw"} padded to the bucket's (image, label) shapes."""
-
-    protocol: str
-    crop_size: int
-    image_key: str
-    label_key: str
-    ignore_index: int
-
-    def __call__(self, example, shapes):
-        image_shape, label_shape = shapes
-        out = seg_transforms.eval_transform(np.asarray(example[self.image_key]), example[self.label_key],
-                                            self.protocol, self.crop_size)
-        return seg_transforms.pad_for_batch(out["image"], out["label"], image_shape, label_shape,
-                                            self.ignore_index)
-
-
 def _ceil32(size: tuple[int, int]) -> tuple[int, int]:
     return tuple(-(-int(n) // 32) * 32 for n in size)
 
@@ -229,16 +180,9 @@ class SegmentationTask(DatasetTask):
             return list(names)
         return [f"class_{i}" for i in range(self.num_classes)]
 
-    def check(self) -> None:
+    def check_config(self) -> None:
+        super().check_config()
         c = self.config
-        spec = get_model_spec(c.model.name)  # ValueError (with close matches) on an unknown name
-        if spec.task != "segmentation":
-            raise ValueError(f"model {spec.name!r} is a {spec.task} model; the segmentation task needs one of "
-                             f"{', '.join(list_models('segmentation'))}.")
-        if c.loss.bce:
-            raise ValueError("segmentation uses softmax cross-entropy; set --config.loss.bce=False.")
-        if c.mix.mixup_alpha > 0 or c.mix.cutmix_alpha > 0:
-            raise ValueError("mixup/cutmix are not defined for segmentation; set config.mix.*_alpha=0.")
         if c.loss.upsample not in UPSAMPLE_METHODS:
             raise ValueError(f"config.loss.upsample={c.loss.upsample!r}; use one of {UPSAMPLE_METHODS}.")
         if c.data.eval_protocol not in EVAL_PROTOCOLS:
@@ -246,32 +190,19 @@ class SegmentationTask(DatasetTask):
         lo, hi = (float(s) for s in c.data.scale_range)
         if not 0 < lo <= hi:
             raise ValueError(f"config.data.scale_range={tuple(c.data.scale_range)} must satisfy 0 < min <= max.")
-        info = self.info  # FileNotFoundError (with the prepare command) if the dataset is missing
-        if info.task != "segmentation":
-            raise ValueError(f"dataset {info.name!r} is a {info.task} dataset, not segmentation.")
-        for split in (c.data.train_split, c.data.eval_split):
-            if split.split("[")[0] not in info.split_sizes:
-                raise ValueError(f"dataset {info.name!r} has no split {split!r}; splits: {sorted(info.split_sizes)}.")
         for size in self.train_resolutions():
             if size[0] % 32 or size[1] % 32:
                 raise ValueError(f"image size {size} is not a multiple of 32 (EfficientViT downsamples by 32); "
                                  "fix data.image_sizes.")
         if c.data.eval_protocol != "none" and int(c.data.eval_crop_size) % 32:
             raise ValueError(f"config.data.eval_crop_size={c.data.eval_crop_size} is not a multiple of 32.")
+
+    def check_data(self) -> None:
+        super().check_data()
+        c, info = self.config, self.info
         if c.model.num_classes > 0 and c.model.num_classes != info.num_classes:
             raise ValueError(f"config.model.num_classes={c.model.num_classes} but dataset {info.name!r} has "
                              f"{info.num_classes} classes; use -1 (the dataset's).")
-
-    def create_model(self) -> nn.Module:
-        m = self.config.model
-        return create_model(m.name, num_classes=self.num_classes, dtype=jnp.dtype(m.dtype),
-                            param_dtype=jnp.float32, attention=m.attention,
-                            drop_path_rate=m.drop_path_rate, drop_path_skip=m.drop_path_skip,
-                            conv_impl=m.conv_impl)
-
-    def num_train_examples(self) -> int:
-        d = self.config.data
-        return len(sources.get_source(d.name, d.train_split, self.data_dir))
 
     def train_resolutions(self):
         return [_hw(s) for s in self.config.data.image_sizes]
@@ -289,7 +220,7 @@ class SegmentationTask(DatasetTask):
         d = self.config.data
         source = sources.get_source(d.name, d.train_split, self.data_dir)
         base = tuple(int(s) for s in d.base_size) if len(d.base_size) else None
-        transform = _TrainFn(
+        transform = seg_transforms.SegTrainTransform(
             scale_range=(float(d.scale_range[0]), float(d.scale_range[1])), base_size=base,
             flip_prob=0.5 if d.hflip else 0.0,
             jitter=seg_transforms.PhotometricJitter() if d.photometric else None,
@@ -302,7 +233,7 @@ class SegmentationTask(DatasetTask):
     def eval_iterator(self, local_batch_size: int):
         d = self.config.data
         source = sources.get_source(d.name, d.eval_split, self.data_dir)
-        transform = _EvalFn(protocol=d.eval_protocol, crop_size=int(d.eval_crop_size),
+        transform = seg_transforms.SegEvalTransform(protocol=d.eval_protocol, crop_size=int(d.eval_crop_size),
                             image_key=self.info.image_key, label_key=self.info.label_key,
                             ignore_index=self.ignore_index)
         return pipeline.make_bucketed_eval_iterator(
@@ -385,10 +316,11 @@ class SegmentationTask(DatasetTask):
         ``path`` is "params/head/..." or "batch_stats/head/..."."""
         return getattr(self, "_backbone_only", False) and path.split("/", 1)[-1].startswith("head/")
 
-    def finalize_eval(self, sums: Mapping[str, np.ndarray]) -> dict[str, float]:
+    def finalize_eval(self, sums: Mapping[str, np.ndarray],
+                      records: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
         """mIoU (fraction in [0, 1], official definition), pixel and mean accuracy, and the
         IoU of every class as ``iou/<name>`` (NaN for a class absent from the whole split);
-        logs the per-class table."""
+        logs the per-class table. The task has no per-example records (``records`` is ignored)."""
         stats = {k: np.asarray(sums[k]) for k in seg_metrics.STAT_KEYS}
         names = self.class_names
         table = seg_metrics.format_iou_table(stats, names)

@@ -33,7 +33,8 @@ from evit_jax.models import flops
 from evit_jax.models import create_model, get_model_spec, list_models
 from evit_jax.tools import chips
 
-# Published figures (the READMEs of mit-han-lab/efficientvit applications/efficientvit_{cls,seg}): model -> (params M, GMACs, res).
+# Published figures (the READMEs of mit-han-lab/efficientvit applications/efficientvit_{cls,seg}; detection: the
+# paper's first version): model -> (params M, GMACs, res).
 PAPER_FIGURES: dict[str, tuple[float | None, float | None, tuple[int, int]]] = {
     "efficientvit_b0": (3.41, 0.10, (224, 224)),
     "efficientvit_b1": (9.10, 0.52, (224, 224)),
@@ -53,6 +54,10 @@ PAPER_FIGURES: dict[str, tuple[float | None, float | None, tuple[int, int]]] = {
     "efficientvit_seg_b3_ade20k": (39.55, 22.0, (512, 512)),
     "efficientvit_seg_l1_ade20k": (40.41, 36.0, (512, 512)),
     "efficientvit_seg_l2_ade20k": (51.46, 45.0, (512, 512)),
+    # Detection at 640x640: arXiv 2205.14756 v1 gives 42.6 COCO AP at 4.4 GMACs for its YOLOX detector, whose
+    # counterpart here is efficientvit_v1_det_b1 (docs/detection.md); the other detectors have no published figure.
+    **{f"efficientvit_{d}det_{v}": (None, None, (640, 640)) for d in ("", "v1_") for v in ("b0", "b1", "b2", "b3")},
+    "efficientvit_v1_det_b1": (None, 4.4, (640, 640)),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MAC_METHOD = "analytic count of convs, linears and attention matmuls (evit_jax.models.flops)"
@@ -160,6 +165,8 @@ def timm_name_for(name: str) -> tuple[str | None, str]:
         return None, "timm has no EfficientViT segmentation models: timm comparison skipped"
     if spec.task == "backbone":
         return None, "timm has no EfficientViT backbone-only models: timm comparison skipped"
+    if spec.task == "detection":
+        return None, "timm has no EfficientViT detection models: timm comparison skipped"
     if getattr(spec, "design", "v2") not in ("v2", None):
         return None, f"timm has no {spec.name}: timm comparison skipped"
     if spec.variant not in ("b0", "b1", "b2", "b3", "l1", "l2", "l3"):
@@ -269,7 +276,7 @@ def model_table(names: Sequence[str] | None = None, log: Callable[[str], None] =
     """Params and GMACs of every model (at its paper resolution; 224 px otherwise) beside the published figures,
     printed as a Markdown table."""
     rows = []
-    log(f"GMACs: {MAC_METHOD}. Paper figures: official READMEs.")
+    log(f"GMACs: {MAC_METHOD}. Paper figures: official READMEs (detection: arXiv 2205.14756 v1).")
     log("")
     log("| model | input | params (M) | paper params (M) | GMACs | paper GMACs |")
     log("|---|---|---|---|---|---|")

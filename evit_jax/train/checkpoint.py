@@ -74,9 +74,7 @@ def latest_complete_step(workdir: str) -> int | None:
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
         return None
-    steps = ocp.utils.checkpoint_steps(directory) if hasattr(ocp.utils, "checkpoint_steps") else None
-    if steps is None:  # pragma: no cover - older orbax
-        steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+    steps = ocp.utils.checkpoint_steps(directory)
     return max(steps) if steps else None
 
 
@@ -94,10 +92,20 @@ class Checkpointer:
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "data": grain.checkpoint.CheckpointHandler()})
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+    def has_step(self, step: int) -> bool:
+        """True when ``step`` is saved or being saved (an async save in flight counts)."""
+        return step in self.manager.all_steps()
 
     def save(self, step: int, state: Any, data_iterator: Any | None, *, force: bool = False) -> bool:
+        """Saves ``step`` (asynchronously with ``async_save``); returns whether a save started.
+
+        A step that is already saved is skipped, ``force`` or not: the final or SIGTERM save
+        of a step just saved periodically, or of the step a run resumed from, is a no-op, so
+        a run stopped at any point can always be started again.
+        """
+        if self.has_step(step):
+            logging.info("Checkpoint of step %d already saved in %s", step, self.directory)
+            return False
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)

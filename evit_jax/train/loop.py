@@ -12,10 +12,15 @@ Order of business in :func:`train_and_evaluate`:
    memory) and the eval step;
 5. loop: next local batch -> global array -> compiled step; log, checkpoint, evaluate, stop
    cleanly on SIGTERM; final checkpoint, final evaluation, summary line.
+
+A workdir whose latest checkpoint is the last step does not train: after 1-2 it reports the
+final evaluation logged in metrics.jsonl or, if the run stopped before logging it, restores the
+checkpoint and runs only that evaluation; the train step is never compiled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -27,9 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
-from evit_jax.tasks import Task, get_task
+from evit_jax.tasks import get_task
+from evit_jax.tasks.base import Task
 from evit_jax.train import checkpoint as ckpt_lib
+from evit_jax.train import exact_sum
 from evit_jax.train import mesh as mesh_lib
 from evit_jax.train import metrics_log
 from evit_jax.train import optim
@@ -179,10 +187,30 @@ class Experiment:
         metrics["grad_norm"] = optax.global_norm(grads)
         return new_state, metrics
 
-    def eval_step(self, variables: dict, batch: dict) -> dict:
+    def eval_step(self, variables: dict, batch: dict) -> tuple[dict, dict, jax.Array | None]:
+        """(summable statistics, per-example records, mask) of one global eval batch (traced
+        under jit; outputs replicated). Without records (the default) the mask is None."""
         inputs, targets = self.task.preprocess_eval(batch)
         outputs = self.model.apply(variables, inputs, train=False)
-        return self.task.eval_statistics(outputs, targets, batch["mask"])
+        stats = self.task.eval_statistics(outputs, targets, batch["mask"])
+        records = dict(self.task.eval_records(outputs, targets, batch) or {})
+        size = batch["mask"].shape[0]
+        wrong = {k: tuple(v.shape) for k, v in records.items() if v.ndim == 0 or v.shape[0] != size}
+        if wrong:
+            raise ValueError(f"{type(self.task).__name__}.eval_records must return arrays whose leading "
+                             f"axis is the global eval batch ({size}); got shapes {wrong}.")
+        return stats, records, (batch["mask"] if records else None)
+
+    @functools.cached_property
+    def _sum_jits(self) -> tuple[Callable, Callable]:
+        replicated = mesh_lib.replicated_sharding(self.mesh)
+        return (jax.jit(exact_sum.start, out_shardings=replicated),
+                jax.jit(exact_sum.add, out_shardings=replicated))
+
+    def accumulate(self, sums: Any | None, stats: dict) -> Any:
+        """Device-side exact running sum of replicated eval statistics (``sums`` None: start)."""
+        start, add = self._sum_jits
+        return start(stats) if sums is None else add(sums, stats)
 
     def _batch_abstract(self, spec: dict) -> dict:
         sharding = mesh_lib.batch_sharding(self.mesh)
@@ -269,9 +297,13 @@ def _check_config(config) -> None:
         raise ValueError(f"config.log_every_steps={config.log_every_steps} must be positive.")
     if config.model.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"config.model.dtype={config.model.dtype!r}; use 'float32' or 'bfloat16'.")
-    if config.init_from and not os.path.exists(os.path.expanduser(config.init_from)):
+    from evit_jax.convert import hub  # train may import convert (layering)
+
+    if config.init_from and hub.is_hub_spec(config.init_from):
+        hub.find_weights(config.init_from)  # a name with published weights (one-line ValueError otherwise)
+    elif config.init_from and not os.path.exists(os.path.expanduser(config.init_from)):
         raise FileNotFoundError(f"init_from={config.init_from!r} does not exist; give a converted "
-                                "checkpoint (.pt/.pth/.safetensors) or an Orbax variables directory.")
+                                "checkpoint (.pt/.pth/.safetensors), an Orbax variables directory or hub:NAME.")
 
 
 def setup_experiment(config, devices=None) -> Experiment:
@@ -280,12 +312,15 @@ def setup_experiment(config, devices=None) -> Experiment:
     ``devices`` defaults to all devices of all processes. Raises one clear error
     (ValueError/FileNotFoundError) for anything that cannot run.
     """
+    # Cheap checks first: the config alone, then against the devices, and only then the dataset
+    # (which may have to be built or read from remote storage).
     _check_config(config)
     task = get_task(config)
-    task.check()
+    task.check_config()
     mesh = mesh_lib.create_mesh(config.sharding.strategy, config.sharding.fsdp_size, devices)
     mesh_lib.check_batch_divisible(config.global_batch_size, mesh, "batch size (global_batch_size)")
     mesh_lib.check_batch_divisible(config.eval_batch_size, mesh, "eval batch size (eval_batch_size)")
+    task.check_data()
     total, warmup = schedule_lengths(config, task.num_train_examples())
     peak_lr = optim.peak_learning_rate(config.optim.base_lr, config.global_batch_size, config.optim.lr_reference_batch)
     schedule = optim.warmup_cosine_schedule(peak_lr, warmup, total)
@@ -305,40 +340,105 @@ def setup_experiment(config, devices=None) -> Experiment:
 
 def _load_variables(config, task: Task) -> dict:
     """Converted weights for ``init_from``, as the task reads them (Task.load_init_variables)."""
-    return task.load_init_variables(os.path.expanduser(config.init_from), use_ema=bool(config.init_use_ema))
+    from evit_jax.convert import resolve_checkpoint  # hub:NAME -> downloaded and converted once
+
+    return task.load_init_variables(resolve_checkpoint(config.init_from), use_ema=bool(config.init_use_ema))
 
 
 # ---------------------------------------------------------------------------- evaluation
+def _weight_set_names(include_ema: bool) -> tuple[str, ...]:
+    """Prefixes of the evaluated weight sets' metrics: "eval" (raw) and "eval_ema"."""
+    return ("eval", "eval_ema") if include_ema else ("eval",)
+
+
+class _RecordCollector:
+    """The per-example eval records of one weight set, in eval-batch order, real examples only.
+
+    Each batch's (replicated) records start copying to the host when the batch is dispatched
+    and are read one batch later, so the copy overlaps the next batch. The local copy of a
+    replicated array holds the whole global batch, so every process collects all records.
+    """
+
+    def __init__(self):
+        self._in_flight = None
+        self._parts: list[dict[str, np.ndarray]] = []
+
+    def add(self, records: dict, mask: jax.Array | None) -> None:
+        if not records:
+            return
+        local = ({k: v.addressable_data(0) for k, v in records.items()}, mask.addressable_data(0))
+        for array in jax.tree_util.tree_leaves(local):
+            array.copy_to_host_async()
+        self._collect()
+        self._in_flight = local
+
+    def _collect(self) -> None:
+        if self._in_flight is not None:
+            records, mask = jax.device_get(self._in_flight)
+            real = np.asarray(mask).astype(bool)
+            self._parts.append({k: np.asarray(v)[real] for k, v in records.items()})
+            self._in_flight = None
+
+    def result(self) -> dict[str, np.ndarray]:
+        self._collect()
+        if not self._parts:
+            return {}
+        return {k: np.concatenate([part[k] for part in self._parts]) for k in self._parts[0]}
+
+
 def evaluate(experiment: Experiment, state: TrainState, *, include_ema: bool) -> dict[str, float]:
     """One pass over the eval split; returns {"eval/top1": ..., "eval_ema/top1": ...}.
 
     Per-batch statistics are computed on the global (sharded) batch inside jit, so they are
-    already summed over devices and hosts; the host accumulates them in float64/int64. Each
-    batch runs the executable of its shapes (``Experiment.eval_executable``).
+    already summed over devices and hosts; they are summed over batches on the device, exactly
+    (`exact_sum`), and fetched once at the end: without per-example records
+    (:meth:`Task.eval_records`) the loop never waits for the host. Each batch runs the
+    executable of its shapes (``Experiment.eval_executable``).
     """
     task, config = experiment.task, experiment.config
-    weights = {"eval": model_variables(state, use_ema=False)}
-    if include_ema:
-        weights["eval_ema"] = model_variables(state, use_ema=True)
+    weights = {name: model_variables(state, use_ema=name == "eval_ema") for name in _weight_set_names(include_ema)}
     sums = {name: None for name in weights}
+    records = {name: _RecordCollector() for name in weights}
     t0 = time.perf_counter()
     for local in task.eval_iterator(experiment.local_batch_size(config.eval_batch_size)):
         eval_exec, spec = experiment.eval_executable(task.eval_batch_key(local))
         batch = experiment.global_batch(local, spec)
         for name, variables in weights.items():
-            stats = jax.device_get(eval_exec(variables, batch))
-            stats = {k: np.asarray(v, np.int64 if np.issubdtype(np.asarray(v).dtype, np.integer) else np.float64)
-                     for k, v in stats.items()}
-            sums[name] = stats if sums[name] is None else {k: sums[name][k] + stats[k] for k in stats}
+            stats, batch_records, mask = eval_exec(variables, batch)
+            sums[name] = experiment.accumulate(sums[name], stats)
+            records[name].add(batch_records, mask)
+    if any(s is None for s in sums.values()):
+        raise ValueError("the evaluation split yielded no batches.")
+    host_sums = jax.device_get(sums)  # the one fetch of the statistics
     results = {}
-    for name, s in sums.items():
-        if s is None:
-            raise ValueError("the evaluation split yielded no batches.")
-        for k, v in task.finalize_eval(s).items():
+    for name in weights:
+        for k, v in task.finalize_eval(exact_sum.to_host(host_sums[name]), records[name].result()).items():
             results[f"{name}/{k}"] = v
     logging.info("Evaluation (%.1fs): %s", time.perf_counter() - t0,
                  " ".join(f"{k}={v:.4f}" for k, v in results.items()))
     return results
+
+
+def _restore_for_eval(experiment: Experiment, workdir: str, step: int) -> TrainState:
+    """The state of checkpoint ``step`` (without the data iterator) on the current mesh."""
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=experiment.config.checkpoint.keep, async_save=False)
+    try:
+        return checkpointer.restore(step, experiment.abstract_state, None)
+    finally:
+        checkpointer.close()
+
+
+def _write_metrics(workdir: str, config, step: int, metrics: dict[str, float]) -> None:
+    writer = metrics_log.MetricWriter(workdir, 0, enable_tensorboard=config.tensorboard, progress_bar=False)
+    writer.write(step, metrics)
+    writer.close()
+
+
+def _print_final(step: int, total: int, elapsed: float, preempted: bool, metrics: dict[str, float]) -> str:
+    """The run's summary line on stdout (``FINAL step=... wall_s=... eval/top1=...``)."""
+    summary = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+    print(f"FINAL step={step} total_steps={total} wall_s={elapsed:.1f} preempted={preempted} {summary}", flush=True)
+    return summary
 
 
 # ---------------------------------------------------------------------------- train
@@ -354,13 +454,68 @@ class _Null:
         return False
 
 
+@contextlib.contextmanager
+def _not_train_time(throughput: metrics_log.Throughput, state: TrainState):
+    """Evaluation and checkpoint saving are not train time: the steps dispatched so far finish
+    first (they are), then the block's time is left out of images/s and the ETA."""
+    jax.block_until_ready(state)
+    with throughput.paused():
+        yield
+
+
+def _logged_final_evaluation(workdir: str, step: int, include_ema: bool) -> dict[str, float] | None:
+    """The final evaluation logged at ``step`` in WORKDIR/metrics.jsonl, or None when a weight
+    set's metrics are missing there (the run stopped between its last save and that log).
+    Process 0's reading decides on every process, so that all of them agree to evaluate."""
+    names = _weight_set_names(include_ema)
+    logged = metrics_log.read_logged(workdir, step)
+    final = {k: v for k, v in logged.items() if k.split("/", 1)[0] in names}
+    complete = all(any(k.startswith(name + "/") for k in final) for name in names)
+    if jax.process_count() > 1:
+        complete = bool(multihost_utils.broadcast_one_to_all(np.int32(complete)))
+    return final if complete else None
+
+
+def _finish_completed_run(experiment: Experiment, workdir: str, t_start: float) -> dict[str, float]:
+    """A workdir whose latest checkpoint is the run's last step: no training (the train step
+    is not even compiled). Reports the final evaluation already logged in metrics.jsonl or,
+    when the run stopped before logging it, runs only that evaluation and logs it."""
+    config, total = experiment.config, experiment.total_steps
+    final = _logged_final_evaluation(workdir, total, bool(config.eval_ema))
+    if final is None:
+        logging.info("The checkpoint of the last step (%d) has no final evaluation in %s: evaluating it.",
+                     total, workdir)
+        experiment.compile_eval_steps()
+        state = _restore_for_eval(experiment, workdir, total)
+        with _guard(config):
+            final = evaluate(experiment, state, include_ema=bool(config.eval_ema))
+        _write_metrics(workdir, config, total, final)
+    else:
+        logging.info("The run in %s is complete (checkpoint of the last step, %d): its final evaluation.",
+                     workdir, total)
+    elapsed = time.perf_counter() - t_start
+    summary = _print_final(total, total, elapsed, False, final)
+    logging.info("Done: step %d/%d in %.1fs (%s). %s", total, total, elapsed, experiment.task.model_name, summary)
+    return final
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-    """Trains (resuming from WORKDIR if it holds a checkpoint) and returns the final metrics."""
+    """Trains (resuming from WORKDIR if it holds a checkpoint) and returns the final metrics.
+
+    Starting a finished run again is safe: a workdir whose latest checkpoint is the last step
+    only reports (or, if it is missing, computes) the final evaluation."""
     t_start = time.perf_counter()
     experiment = setup_experiment(config)
     task = experiment.task
+    total = experiment.total_steps
     ckpt_lib.check_workdir(workdir, task.model_name, task.name)
     resume_step = ckpt_lib.latest_complete_step(workdir)
+    if resume_step is not None and resume_step > total:
+        raise ValueError(f"workdir {workdir!r} holds the checkpoint of step {resume_step}, past this run's "
+                         f"{total} steps; evaluate it with --config.mode=eval, train longer with "
+                         f"--config.total_steps>={resume_step}, or use another --workdir.")
+    if resume_step == total:
+        return _finish_completed_run(experiment, workdir, t_start)
     if resume_step is None and config.init_from:
         loaded = _load_variables(config, task)
     else:
@@ -371,7 +526,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     logging.info("Mesh %s over %d devices in %d processes; strategy=%s; global batch %d; "
                  "%d steps (%d warmup), peak lr %.3g", dict(mesh.shape), mesh.devices.size,
                  jax.process_count(), experiment.strategy, config.global_batch_size,
-                 experiment.total_steps, experiment.warmup_steps, experiment.peak_lr)
+                 total, experiment.warmup_steps, experiment.peak_lr)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     local_batch = experiment.local_batch_size(config.global_batch_size)
     train_iter = task.train_iterator(int(config.seed), local_batch)
@@ -391,7 +546,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     experiment.compile_eval_steps()
     specs = {res: task.train_batch_spec(config.global_batch_size, res) for res in train_execs}
 
-    total = experiment.total_steps
     start_step = int(jax.device_get(state.step))
     writer = metrics_log.MetricWriter(workdir, total, enable_tensorboard=config.tensorboard)
     writer.set_start(start_step)
@@ -416,22 +570,23 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 step += 1
                 pending.append(metrics)
                 if step % config.log_every_steps == 0 or step == total:
-                    host = jax.device_get(pending)
+                    logged = metrics_log.summarize_window(jax.device_get(pending))
                     pending = []
-                    mean = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[-1]}
                     img_s, eta = throughput.report(step, config.global_batch_size)
-                    mean["train/images_per_s"] = img_s
-                    writer.write(step, mean)
-                    metrics_log.log_line(step, total, mean, img_s, eta)
-                    writer.progress(step, {"loss": mean["train/loss"], "lr": mean["train/lr"]})
+                    logged["train/images_per_s"] = img_s
+                    writer.write(step, logged)
+                    metrics_log.log_line(step, total, logged, img_s, eta)
+                    writer.progress(step, {"loss": logged["train/loss"], "lr": logged["train/lr"]})
                 if config.checkpoint.every_steps > 0 and step % config.checkpoint.every_steps == 0 and step < total:
-                    checkpointer.save(step, state, train_iter)
+                    with _not_train_time(throughput, state):
+                        checkpointer.save(step, state, train_iter)
                 if config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and step < total:
-                    results = evaluate(experiment, state, include_ema=config.eval_ema)
+                    with _not_train_time(throughput, state):
+                        results = evaluate(experiment, state, include_ema=config.eval_ema)
                     writer.write(step, results)
         if preempted:
             logging.warning("Preempted at step %d: saving a checkpoint and exiting.", step)
-            checkpointer.save(step, state, train_iter, force=True)
+            checkpointer.save(step, state, train_iter, force=True)  # a no-op if step is saved already
             checkpointer.wait()
         else:
             checkpointer.save(step, state, train_iter, force=True)
@@ -442,10 +597,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         writer.close()
         preemption.restore_handler()
     elapsed = time.perf_counter() - t_start
-    summary = " ".join(f"{k}={v:.4f}" for k, v in final_metrics.items())
+    summary = _print_final(step, total, elapsed, preempted, final_metrics)
     logging.info("Done%s: step %d/%d in %.1fs (%s). %s", " (preempted)" if preempted else "",
                  step, total, elapsed, task.model_name, summary)
-    print(f"FINAL step={step} total_steps={total} wall_s={elapsed:.1f} preempted={preempted} {summary}", flush=True)
     return final_metrics
 
 
@@ -463,9 +617,7 @@ def evaluate_only(config, workdir: str) -> dict[str, float]:
     loaded = _load_variables(config, task) if step is None else None
     experiment.compile_eval_steps()
     if step is not None:
-        checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
-        state = checkpointer.restore(step, experiment.abstract_state, None)
-        checkpointer.close()
+        state = _restore_for_eval(experiment, workdir, step)
         include_ema = bool(config.eval_ema)
         logging.info("Evaluating the checkpoint of step %d", step)
     else:
@@ -475,9 +627,7 @@ def evaluate_only(config, workdir: str) -> dict[str, float]:
         logging.info("Evaluating %s", config.init_from)
     with _guard(config):
         results = evaluate(experiment, state, include_ema=include_ema)
-    writer = metrics_log.MetricWriter(workdir, 0, enable_tensorboard=config.tensorboard, progress_bar=False)
-    writer.write(step, results)
-    writer.close()
+    _write_metrics(workdir, config, step, results)
     print("FINAL " + " ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
     return results
 

@@ -24,17 +24,16 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
 STRATEGIES = ("replicated", "fsdp")
 
-# Logical axis name -> mesh axis (or axes). ONE place for every sharding decision.
-# Per strategy; an axis mapped to None is replicated.
+# Logical axis name of a parameter dimension -> mesh axis (or axes): ONE place for every parameter
+# sharding decision. Per strategy; an axis mapped to None is replicated. (Activations and batches
+# are always split over all devices along their leading axis: `batch_sharding`.)
 LOGICAL_AXIS_RULES: dict[str, tuple[tuple[str, Any], ...]] = {
     "replicated": (
-        ("batch", ("data", "fsdp")),
         ("out_channels", None),
         ("in_channels", None),
         ("kernel_h", None),
@@ -42,7 +41,6 @@ LOGICAL_AXIS_RULES: dict[str, tuple[tuple[str, Any], ...]] = {
         ("channels", None),
     ),
     "fsdp": (
-        ("batch", ("data", "fsdp")),
         # Shard the output dimension of every kernel; fall back to the input one when the
         # output does not divide (see param_logical_axes).
         ("out_channels", "fsdp"),
@@ -78,7 +76,8 @@ def create_mesh(strategy: str, fsdp_size: int = -1, devices: Sequence[jax.Device
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of every per-example array: leading (batch) axis over all mesh axes."""
+    """Sharding of every per-example array: leading (batch) axis over all mesh axes, whatever the
+    strategy (both are data parallel over every device)."""
     return NamedSharding(mesh, P(MESH_AXES))
 
 
@@ -140,12 +139,6 @@ def tree_shardings(tree: Any, mesh: Mesh, strategy: str) -> Any:
         shape = getattr(x, "shape", ())
         return NamedSharding(mesh, spec_for_shape(shape, mesh, strategy))
     return jax.tree_util.tree_map(one, tree)
-
-
-def logical_to_mesh_spec(logical: Sequence[str | None], strategy: str) -> P:
-    """Maps explicit logical names to a mesh PartitionSpec through the rule table (for callers
-    that annotate activations, e.g. the batch axis)."""
-    return nn.logical_to_mesh_axes(tuple(logical), LOGICAL_AXIS_RULES[strategy])
 
 
 def global_batch_from_local(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
