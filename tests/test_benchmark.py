@@ -120,7 +120,7 @@ def test_train_bench_runs_the_loops_step_and_profiles_it():
 def test_train_bench_bad_model_is_one_clear_error():
     from evit_jax.tools import train_bench
 
-    with pytest.raises(ValueError, match="classification model"):
+    with pytest.raises(ValueError, match="the classification task needs"):
         train_bench.benchmark_train_steps("efficientvit_seg_b0_cityscapes", batch=2, res=64, steps=1)
     with pytest.raises(ValueError, match="multiple of 32"):
         train_bench.main(["--res", "100"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import ctypes
 import ctypes.util
 import glob
@@ -36,7 +37,6 @@ from evit_jax import tasks
 from evit_jax.models import get_model_spec
 from evit_jax.tasks.classification import ClassificationTask, smooth_labels
 
-SYNTHETIC_TASK = "classification_random_data"
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -76,23 +76,26 @@ def retain_freed_memory(limit_bytes: int = 2**30) -> bool:
 
 
 class RandomDataClassificationTask(ClassificationTask):
-    """The classification task with no dataset behind it (train-step benchmarks feed random batches of
-    `train_batch_spec`): checks the model only."""
+    """The classification task with no dataset behind it: train-step benchmarks feed random batches of
+    `train_batch_spec`, so nothing is read (the schedule's length comes from config.total_steps)."""
 
-    name = SYNTHETIC_TASK
-
-    def check(self) -> None:
-        spec = get_model_spec(self.config.model.name)
-        if spec.task != "classification":
-            raise ValueError(f"model {spec.name!r} is a {spec.task} model; the train bench needs a "
-                             "classification model (efficientvit_{b0..b3,l1..l3}).")
+    def check_data(self) -> None:
+        pass
 
     def num_train_examples(self) -> int:
         return self.config.global_batch_size * self.config.total_steps
 
 
-def _register_synthetic_task() -> None:
-    tasks.TASKS.setdefault(SYNTHETIC_TASK, f"{__name__}:{RandomDataClassificationTask.__name__}")
+@contextlib.contextmanager
+def _classification_on_random_data():
+    """While set up, the loop's "classification" task is `RandomDataClassificationTask` (the loop builds its
+    task from `evit_jax.tasks.TASKS`); the registry entry is restored on exit."""
+    saved = tasks.TASKS["classification"]
+    tasks.TASKS["classification"] = f"{__name__}:{RandomDataClassificationTask.__name__}"
+    try:
+        yield
+    finally:
+        tasks.TASKS["classification"] = saved
 
 
 def bench_config(model_name: str, batch: int, res: int, *, conv_impl: str = "auto", dtype: str = "float32"):
@@ -103,7 +106,6 @@ def bench_config(model_name: str, batch: int, res: int, *, conv_impl: str = "aut
     spec = get_model_spec(model_name)  # unknown name -> ValueError before any work
     variant = spec.variant if spec.name == f"efficientvit_{spec.variant}" else "b1"
     config = imagenet.get_config(variant)
-    config.task = SYNTHETIC_TASK
     config.model.name = spec.name
     config.model.num_classes = spec.num_classes or 1000
     config.model.dtype = dtype
@@ -121,9 +123,9 @@ def build_train_step(model_name: str, batch: int, res: int, *, conv_impl: str = 
     compiled executable."""
     from evit_jax.train import loop
 
-    _register_synthetic_task()
-    experiment = loop.setup_experiment(bench_config(model_name, batch, res, conv_impl=conv_impl, dtype=dtype),
-                                       devices=jax.local_devices()[:1])
+    config = bench_config(model_name, batch, res, conv_impl=conv_impl, dtype=dtype)
+    with _classification_on_random_data():
+        experiment = loop.setup_experiment(config, devices=jax.local_devices()[:1])
     state = experiment.init_state()
     t0 = time.perf_counter()
     executable = experiment.compile_train_steps()[(res, res)]
@@ -144,9 +146,10 @@ def build_train_step(model_name: str, batch: int, res: int, *, conv_impl: str = 
 
 
 def build_timm_train_step(model_name: str, batch: int, res: int, *, threads: int | None = None,
-                          dtype: str = "float32") -> tuple[Callable[[], Any], dict]:
+                          dtype: str = "float32", compile_model: bool = False) -> tuple[Callable[[], Any], dict]:
     """(run, info) for timm's model with a plain PyTorch train step (see the module docstring), on the GPU
-    when JAX runs on one (:func:`torch_device`), else the CPU; bfloat16 = autocast."""
+    when JAX runs on one (:func:`torch_device`), else the CPU; bfloat16 = autocast; `compile_model`:
+    the model wrapped in `torch.compile` (compiled by the warm-up steps)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import timm
     import torch
@@ -162,11 +165,12 @@ def build_timm_train_step(model_name: str, batch: int, res: int, *, threads: int
     labels = np.asarray(torch.randint(0, 1000, (batch,), generator=g))
     targets = torch.from_numpy(np.array(smooth_labels(labels, 1000, 0.1))).to(device)
     loss_fn = torch.nn.BCEWithLogitsLoss()
+    forward = torch.compile(model) if compile_model else model
 
     def run():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            logits = model(x)
+            logits = forward(x)
         loss = loss_fn(logits.float(), targets)
         loss.backward()
         torch.nn.utils.clip_grad_value_(model.parameters(), 2.0)
@@ -176,16 +180,20 @@ def build_timm_train_step(model_name: str, batch: int, res: int, *, threads: int
         synchronize(device)
         return loss
 
-    return run, {"framework": f"timm {timm.__version__} / torch {torch.__version__}",
-                 "threads": torch.get_num_threads(), "device": device}
+    framework = f"timm {timm.__version__} / torch {torch.__version__}{' (torch.compile)' if compile_model else ''}"
+    return run, {"framework": framework, "threads": torch.get_num_threads(), "device": device}
 
 
 def benchmark_train_steps(model_name: str = "efficientvit_b1", batch: int = 16, res: int = 224, *,
                           steps: int = 6, warmup: int = 2, conv_impl: str = "auto", dtype: str = "float32",
-                          compare_timm: bool = False, rounds: int = 2, profile: bool = False) -> dict:
-    """images/s of the loop's train step (and timm's), timed in alternating phases; plus compile time and,
-    with `profile`, the step's op time by (phase, layer kind, op kind) (:func:`profile_executable`)."""
-    from evit_jax.tools.benchmark import time_in_phases
+                          compare_timm: bool = False, timm_compile: bool = False, rounds: int = 2,
+                          profile: bool = False, peak: float | None = None) -> dict:
+    """images/s of the loop's train step (and timm's), timed in alternating phases; compile time; MFU
+    (3 x the forward's analytic MACs x 2 FLOPs per image against the device's peak, see
+    `evit_jax.tools.benchmark.peak_tflops`); with `profile`, the step's op time by (phase, layer kind,
+    op kind) (:func:`profile_executable`)."""
+    from evit_jax.models import flops
+    from evit_jax.tools.benchmark import peak_tflops, time_in_phases
 
     run, info = build_train_step(model_name, batch, res, conv_impl=conv_impl, dtype=dtype)
     calls = {"jax": run}
@@ -194,7 +202,7 @@ def benchmark_train_steps(model_name: str = "efficientvit_b1", batch: int = 16, 
     if compare_timm:
         timm_name = model_name.replace("-", "_")
         calls["timm"], timm_info = build_timm_train_step(timm_name, batch, res, dtype=dtype,
-                                                         threads=_cpu_threads())
+                                                         threads=_cpu_threads(), compile_model=timm_compile)
         result.update(timm_framework=timm_info["framework"], timm_threads=timm_info["threads"],
                       timm_device=timm_info["device"])
     timings = time_in_phases(calls, steps, warmup, rounds=rounds)
@@ -204,6 +212,9 @@ def benchmark_train_steps(model_name: str = "efficientvit_b1", batch: int = 16, 
         result[f"{name}_best_step_ms"] = 1000 * timing.best
     if compare_timm:
         result["jax_over_timm"] = result["jax_images_per_s"] / result["timm_images_per_s"]
+    peak_value, result["peak_source"] = peak_tflops(jax.local_devices()[0], dtype, peak)
+    train_flops = 3 * 2 * flops.count_macs(model_name, res, res)  # forward + backward (~2x forward)
+    result["mfu"] = train_flops * result["jax_images_per_s"] / (peak_value * 1e12) if peak_value else None
     if profile:
         result["profile"] = profile_executable(info["executable"], run)
     return result
@@ -295,6 +306,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype (params and optimizer state stay float32)")
     parser.add_argument("--compare-timm", action="store_true")
+    parser.add_argument("--timm-compile", action="store_true", help="with --compare-timm: torch.compile timm's model")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: by device kind)")
     parser.add_argument("--profile", action="store_true",
                         help="also print where the evit_jax step's time goes (jax.profiler trace)")
     parser.add_argument("--no-retain-memory", action="store_true",
@@ -308,8 +321,10 @@ def main(argv=None) -> dict:
           flush=True)
     result = benchmark_train_steps(args.model, args.batch, args.res, steps=args.steps, warmup=args.warmup,
                                    conv_impl=args.conv_impl, dtype=args.dtype, compare_timm=args.compare_timm,
-                                   profile=args.profile)
+                                   timm_compile=args.timm_compile, profile=args.profile, peak=args.peak_tflops)
     print(_format("jax", result), flush=True)
+    mfu = "n/a" if result["mfu"] is None else f"{100 * result['mfu']:.2f}%"
+    print(f"MFU (6 x forward MACs per image): {mfu} ({result['peak_source']})", flush=True)
     if args.compare_timm:
         print(_format("timm", result), flush=True)
         print(f"evit_jax / timm: {result['jax_over_timm']:.2f}x", flush=True)
