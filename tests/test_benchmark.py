@@ -101,3 +101,26 @@ def test_mac_counter_rules_on_known_ops():
     # Elementwise ops are free; a product with a trace constant (the resize matrix) is not counted.
     fixed = jnp.ones((8, 8))
     assert flops.count_macs_fn(lambda x: jnp.einsum("oh,bhwc->bowc", fixed, jax.nn.relu(x) * 2.0), x) == 0
+
+
+def test_train_bench_runs_the_loops_step_and_profiles_it():
+    """The bench compiles the training loop's own step (Experiment.compile_train_steps) on random data."""
+    from tests._train_helpers import TINY, register_tiny_model
+    from evit_jax.tools import train_bench
+
+    register_tiny_model()
+    result = train_bench.benchmark_train_steps(TINY, batch=2, res=32, steps=2, warmup=1, profile=True)
+    assert result["jax_images_per_s"] > 0 and result["compile_s"] > 0
+    phases = {phase for phase, _, _ in result["profile"]}
+    assert {"forward", "backward"} <= phases
+    lines = train_bench.format_profile(result["profile"])
+    assert lines[0].startswith("op time per step") and any("backward" in line for line in lines)
+
+
+def test_train_bench_bad_model_is_one_clear_error():
+    from evit_jax.tools import train_bench
+
+    with pytest.raises(ValueError, match="the classification task needs"):
+        train_bench.benchmark_train_steps("efficientvit_seg_b0_cityscapes", batch=2, res=64, steps=1)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        train_bench.main(["--res", "100"])

@@ -87,7 +87,81 @@ def test_fast_gradients_equal_lax(name, shape_x, shape_k, stride, groups, highes
         want = jax.grad(loss(ops.lax_conv2d), argnums=(0, 1))(x, k)
     got = jax.jit(jax.grad(loss(_fast), argnums=(0, 1)))(x, k)
     for g, w in zip(got, want):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), **F32_TOL)
+
+
+@pytest.mark.parametrize("name,shape_x,shape_k,stride,groups", CASES, ids=[c[0] for c in CASES])
+def test_fast_gradients_equal_lax_bfloat16(name, shape_x, shape_k, stride, groups):
+    """bfloat16 gradients (float32 reference on the same rounded inputs), with the cotangent's dtype."""
+    x, k = _inputs(shape_x, shape_k, seed=5, dtype=jnp.bfloat16)
+    padding = shape_k[0] // 2
+    probe = jax.random.normal(jax.random.PRNGKey(6), _reference(x, k, stride, padding, groups).shape)
+
+    def loss(conv, dtype):
+        return lambda x, k: jnp.sum(conv(x.astype(dtype), k.astype(dtype), stride, padding, groups).astype(
+            jnp.float32) * probe)
+
+    with jax.default_matmul_precision("highest"):
+        want = jax.grad(loss(ops.lax_conv2d, jnp.float32), argnums=(0, 1))(x, k)
+    got = jax.jit(jax.grad(loss(_fast, jnp.bfloat16), argnums=(0, 1)))(x, k)
+    for g, w in zip(got, want):
+        assert g.dtype == jnp.bfloat16
+        scale = float(jnp.max(jnp.abs(w)))
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=5e-2, atol=2e-2 * scale)
+
+
+# Depthwise custom VJP on shapes the model cases above do not reach: batch sizes that give 1 slab (1, and
+# 17: a prime above MAX_KERNEL_GRAD_SLABS), several (6) and 16 (32 = 16 slabs of 2); strides 1, 2, 3;
+# padding 0 and k - 1 (a larger output: the input gradient crops the padded cotangent); 1 x 1 maps; a 1 x 1
+# kernel with stride 2 (input-gradient phases without taps).
+DEPTHWISE_CASES = [  # (batch, (h, w), k, stride, padding)
+    (1, (5, 9), 3, 2, 1),
+    (17, (4, 4), 5, 1, 2),
+    (32, (6, 5), 3, 2, 1),
+    (6, (7, 8), 5, 2, 2),
+    (6, (7, 8), 3, 2, 0),
+    (6, (7, 8), 3, 1, 2),
+    (4, (7, 8), 5, 3, 2),
+    (3, (1, 1), 3, 1, 1),
+    (3, (1, 1), 5, 2, 2),
+    (2, (6, 6), 1, 2, 0),
+]
+
+
+@pytest.mark.parametrize("batch,hw,k,stride,padding", DEPTHWISE_CASES)
+def test_depthwise_custom_vjp_equals_lax(batch, hw, k, stride, padding, highest_precision):
+    channels = 5
+    x, kernel = _inputs((batch, *hw, channels), (k, k, 1, channels), seed=batch + k)
+
+    def value_and_vjp(conv):
+        @jax.jit
+        def run(x, kernel, probe):
+            y, vjp = jax.vjp(conv, x, kernel)
+            return y, vjp(probe)
+        return run
+
+    probe = jax.random.normal(jax.random.PRNGKey(7), ops.lax_conv2d(x, kernel, stride, padding, channels).shape)
+    want_y, want_grads = value_and_vjp(lambda x, w: ops.lax_conv2d(x, w, stride, padding, channels))(x, kernel, probe)
+    got_y, got_grads = value_and_vjp(lambda x, w: ops.depthwise_conv2d(x, w, stride, padding))(x, kernel, probe)
+    np.testing.assert_allclose(np.asarray(got_y), np.asarray(want_y), **F32_TOL)
+    for g, w in zip(got_grads, want_grads):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), **F32_TOL)
+
+
+@pytest.mark.parametrize("rows,batch_axes,p,q", [
+    (6 * 64, (), 3, 5),        # 32 blocks
+    (7 * 11, (), 4, 4),        # 7 blocks: the largest divisor of the rows within the size limit
+    (13, (), 6, 2),            # prime: one block
+    (50, (), 40, 48),          # many channels: the partial products would be too large, one block
+    (4 * 96, (6,), 4, 4),      # grouped (LiteMLA's aggregation)
+])
+def test_row_blocked_gram_equals_numpy(rows, batch_axes, p, q):
+    a, b = _inputs((rows, *batch_axes, p), (rows, *batch_axes, q), seed=rows)
+    got = ops.row_blocked_gram(a, b)
+    want = np.einsum("n...p,n...q->...pq", np.asarray(a, np.float64), np.asarray(b, np.float64))
+    assert got.dtype == jnp.float32 and got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), want, **F32_TOL)
 
 
 def test_grouped_channel_order_matches_pytorch():

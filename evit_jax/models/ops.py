@@ -11,6 +11,7 @@ tests/test_ops.py.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Iterator
 
 import jax
@@ -37,6 +38,20 @@ def lax_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, group
     )
 
 
+def _pad_hw(x: jax.Array, padding: int) -> jax.Array:
+    """Zero-pads the two spatial axes of an NHWC array by `padding` on each side."""
+    return x if padding == 0 else jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+
+def _windows(xp: jax.Array, kh: int, kw: int, stride: int, h_out: int,
+             w_out: int) -> Iterator[tuple[int, int, jax.Array]]:
+    """(i, j, window) for every kernel tap: the (h_out, w_out) strided window of the padded xp it multiplies."""
+    for i in range(kh):
+        for j in range(kw):
+            limit = (xp.shape[0], i + (h_out - 1) * stride + 1, j + (w_out - 1) * stride + 1, xp.shape[3])
+            yield i, j, lax.slice(xp, (0, i, j, 0), limit, (1, stride, stride, 1))
+
+
 def _taps(x: jax.Array, kh: int, kw: int, stride: int, padding: int) -> Iterator[tuple[int, int, jax.Array]]:
     """(i, j, window) for every kernel tap: the output-grid window of a zero-padded copy of x.
 
@@ -46,11 +61,16 @@ def _taps(x: jax.Array, kh: int, kw: int, stride: int, padding: int) -> Iterator
     slower inside the models, also for stride 2 (docs/performance.md).
     """
     h_out, w_out = _out_size(x.shape[1], kh, stride, padding), _out_size(x.shape[2], kw, stride, padding)
-    xp = x if padding == 0 else jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    for i in range(kh):
-        for j in range(kw):
-            limit = (xp.shape[0], i + (h_out - 1) * stride + 1, j + (w_out - 1) * stride + 1, xp.shape[3])
-            yield i, j, lax.slice(xp, (0, i, j, 0), limit, (1, stride, stride, 1))
+    return _windows(_pad_hw(x, padding), kh, kw, stride, h_out, w_out)
+
+
+def _shift_add(xp: jax.Array, taps: jax.Array, stride: int, h_out: int, w_out: int) -> jax.Array:
+    """sum over taps (i, j) of window(i, j) * taps[i, j]: a depthwise correlation of the padded xp."""
+    out = None
+    for i, j, window in _windows(xp, taps.shape[0], taps.shape[1], stride, h_out, w_out):
+        term = window * taps[i, j]
+        out = term if out is None else out + term
+    return out
 
 
 def depthwise_conv2d_shift_add(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
@@ -60,12 +80,128 @@ def depthwise_conv2d_shift_add(x: jax.Array, kernel: jax.Array, stride: int, pad
     contiguous channel axis (XLA:CPU's grouped convolution is a slow generic loop).
     """
     kh, kw, _, channels = kernel.shape
+    h_out, w_out = _out_size(x.shape[1], kh, stride, padding), _out_size(x.shape[2], kw, stride, padding)
+    return _shift_add(_pad_hw(x, padding), kernel.reshape(kh, kw, channels), stride, h_out, w_out)
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+# Depthwise kernel gradient: batch slabs summed elementwise before the one reduction (see below).
+MAX_KERNEL_GRAD_SLABS = 16
+
+
+def depthwise_kernel_grad(xp: jax.Array, cotangent: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
+    """Gradient of the depthwise kernel: per tap (i, j), sum over (B, H, W) of window(i, j) * cotangent.
+
+    xp: the zero-padded input; cotangent: (B, H_out, W_out, C). Returns (kh, kw, 1, C) float32.
+    The batch is cut into up to 16 slabs that are multiplied and summed as one elementwise expression per
+    tap (one fused pass over the window, vectorised over channels, that leaves 1/16 of the data), and one
+    reduction of the stacked partial sums finishes. Reducing each tap's product over (B, H, W) directly
+    is a column reduction that XLA:CPU neither fuses with the shifted window nor vectorises (5-10x slower).
+    Every window is sliced per slab straight from xp: a reshape of a strided window makes XLA materialise
+    the window, and a reshape of xp makes it recompute xp's producer for the backward.
+    """
+    batch, h_out, w_out, channels = cotangent.shape
+    slabs = _largest_divisor_at_most(batch, MAX_KERNEL_GRAD_SLABS)
+    per_slab = batch // slabs
+    g = cotangent.astype(jnp.float32)
+    partial_sums = []
+    for i in range(kh):
+        for j in range(kw):
+            acc = None
+            for u in range(slabs):
+                rows = (u * per_slab, (u + 1) * per_slab)
+                window = lax.slice(xp, (rows[0], i, j, 0),
+                                   (rows[1], i + (h_out - 1) * stride + 1, j + (w_out - 1) * stride + 1, channels),
+                                   (1, stride, stride, 1))
+                term = window.astype(jnp.float32) * g[rows[0]:rows[1]]
+                acc = term if acc is None else acc + term
+            partial_sums.append(acc)
+    return jnp.sum(jnp.stack(partial_sums), axis=(1, 2, 3)).reshape(kh, kw, 1, channels)
+
+
+def depthwise_input_grad(cotangent: jax.Array, kernel: jax.Array, stride: int, padding: int, h_in: int,
+                         w_in: int) -> jax.Array:
+    """Gradient of a depthwise convolution w.r.t. its (h_in, w_in) input: the transposed convolution.
+
+    Written per output phase: input row y = stride * m + r receives the taps i with (r + padding - i)
+    divisible by the stride, each reading cotangent row m + (r + padding - i) // stride. Every phase is
+    a shift-and-add over a zero-padded cotangent (stride 1: one phase, the correlation with the flipped
+    kernel); the stride x stride phases are interleaved by one reshape. Nothing is computed for the
+    zeros that a dilated cotangent would hold.
+    """
+    kh, kw, _, channels = kernel.shape
     taps = kernel.reshape(kh, kw, channels)
-    out = None
-    for i, j, window in _taps(x, kh, kw, stride, padding):
-        term = window * taps[i, j]
-        out = term if out is None else out + term
-    return out
+    batch, h_out, w_out, _ = cotangent.shape
+    m_rows, m_cols = -(-h_in // stride), -(-w_in // stride)
+
+    def phase_taps(size: int) -> list[list[tuple[int, int]]]:
+        return [[(i, (r + padding - i) // stride) for i in range(size) if (r + padding - i) % stride == 0]
+                for r in range(stride)]
+
+    rows, cols = phase_taps(kh), phase_taps(kw)
+
+    def pads(phases, rows_needed, available):
+        offsets = [d for phase in phases for _, d in phase] or [0]
+        low = max(0, -min(offsets))
+        return low, rows_needed - 1 + max(offsets) - (available - 1)
+
+    (top, bottom), (left, right) = pads(rows, m_rows, h_out), pads(cols, m_cols, w_out)
+    zero = jnp.zeros((), cotangent.dtype)
+    gp = lax.pad(cotangent, zero, ((0, 0, 0), (top, max(bottom, 0), 0), (left, max(right, 0), 0), (0, 0, 0)))
+    phases = []
+    for row_taps in rows:
+        phase_row = []
+        for col_taps in cols:
+            acc = None
+            for i, di in row_taps:
+                for j, dj in col_taps:
+                    window = lax.slice(gp, (0, top + di, left + dj, 0),
+                                       (batch, top + di + m_rows, left + dj + m_cols, channels))
+                    term = window * taps[i, j]
+                    acc = term if acc is None else acc + term
+            phase_row.append(jnp.zeros((batch, m_rows, m_cols, channels), cotangent.dtype) if acc is None else acc)
+        phases.append(phase_row)
+    if stride == 1:
+        return phases[0][0][:, :h_in, :w_in]
+    # (B, M, r, N, q, C) -> (B, M * stride, N * stride, C): row stride * m + r, column stride * n + q.
+    interleaved = jnp.stack([jnp.stack(phase_row, axis=3) for phase_row in phases], axis=2)
+    return interleaved.reshape(batch, m_rows * stride, m_cols * stride, channels)[:, :h_in, :w_in]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """Depthwise convolution (kernel (kh, kw, 1, C)) in the formulations XLA:CPU runs fastest.
+
+    Forward: shift-and-add. Backward (a custom VJP; autodiff of the shift-and-add keeps every tap's window
+    for the backward and reduces each tap's product separately): the input gradient by
+    `depthwise_input_grad`, the kernel gradient by `depthwise_kernel_grad`, from the padded input alone.
+    """
+    return depthwise_conv2d_shift_add(x, kernel, stride, padding)
+
+
+def _depthwise_fwd(x, kernel, stride, padding):
+    kh, kw, _, channels = kernel.shape
+    h_out, w_out = _out_size(x.shape[1], kh, stride, padding), _out_size(x.shape[2], kw, stride, padding)
+    xp = _pad_hw(x, padding)
+    return _shift_add(xp, kernel.reshape(kh, kw, channels), stride, h_out, w_out), (xp, kernel)
+
+
+def _depthwise_bwd(stride, padding, residuals, cotangent):
+    # The barrier keeps XLA from merging the kernel gradient's windows with the forward's identical
+    # slices of xp (common-subexpression elimination), which would materialise every window in the
+    # forward and keep it alive until here.
+    xp, kernel = lax.optimization_barrier(residuals)
+    kh, kw = kernel.shape[:2]
+    h_in, w_in = xp.shape[1] - 2 * padding, xp.shape[2] - 2 * padding
+    dx = depthwise_input_grad(cotangent, kernel, stride, padding, h_in, w_in)
+    dk = depthwise_kernel_grad(xp, cotangent, kh, kw, stride)
+    return dx.astype(xp.dtype), dk.astype(kernel.dtype)
+
+
+depthwise_conv2d.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 def conv2d_few_inputs_broadcast(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
@@ -83,18 +219,92 @@ def conv2d_few_inputs_broadcast(x: jax.Array, kernel: jax.Array, stride: int, pa
     return out
 
 
-def pointwise_conv2d_matmul(x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
-    """1x1 convolution (stride 1, possibly grouped) as a matmul over channels."""
+def _pointwise_forward(x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
     c_in_per_group, c_out = kernel.shape[2], kernel.shape[3]
     w = kernel.reshape(c_in_per_group, c_out)
     if groups == 1:
         return jnp.einsum("bhwc,cd->bhwd", x, w)
-    c_out_per_group = c_out // groups
     xg = x.reshape(*x.shape[:3], groups, c_in_per_group)
-    # PyTorch orders grouped output channels group-major: out channel o belongs to group o // (O/G).
-    wg = w.reshape(c_in_per_group, groups, c_out_per_group).transpose(1, 0, 2)
-    y = jnp.einsum("bhwgc,gcd->bhwgd", xg, wg)
+    y = jnp.einsum("bhwgc,gcd->bhwgd", xg, _group_major(w, groups))
     return y.reshape(*x.shape[:3], c_out)
+
+
+def _group_major(w: jax.Array, groups: int) -> jax.Array:
+    """(C_in/G, C_out) -> (G, C_in/G, C_out/G). PyTorch orders grouped output channels group-major:
+    out channel o belongs to group o // (C_out/G)."""
+    return w.reshape(w.shape[0], groups, w.shape[1] // groups).transpose(1, 0, 2)
+
+
+# Row blocks of the weight-gradient matmul (see `row_blocked_gram`): at most 32, and their partial products
+# at most a quarter of the operands' size.
+MAX_GRAM_ROW_BLOCKS = 32
+MAX_GRAM_PARTIAL_FRACTION = 0.25
+
+
+def row_blocked_gram(a: jax.Array, b: jax.Array) -> jax.Array:
+    """sum_n a[n, ..., p] b[n, ..., q] -> (..., p, q) in float32: a 1x1 convolution's weight gradient.
+
+    a: (n, *batch, p), b: (n, *batch, q) with the same batch axes (the groups of a grouped convolution).
+    The n rows (every pixel of every image) are cut into up to 32 blocks that become a batch axis of one
+    dot_general, and the per-block products are summed. XLA:CPU runs the plain a^T b (a contraction over
+    the major axis of both operands) on one thread, and in the train step lays the larger operand out
+    transposed for it, writing it from a strided loop fused with the producer (docs/performance.md).
+    Few rows and many channels (the 7x7 stages) keep one block: partial products larger than the
+    operands would cost more than they save.
+    """
+    n, p, q = a.shape[0], a.shape[-1], b.shape[-1]
+    per_block = math.prod(a.shape[1:-1]) * p * q
+    affordable = int(MAX_GRAM_PARTIAL_FRACTION * (a.size + b.size) / per_block)
+    blocks = _largest_divisor_at_most(n, max(1, min(MAX_GRAM_ROW_BLOCKS, affordable)))
+    batch_axes = tuple(range(2, a.ndim))  # the block axis, then a's batch axes
+    dims = (((1,), (1,)), ((0, *batch_axes), (0, *batch_axes)))
+    partial = lax.dot_general(a.reshape(blocks, n // blocks, *a.shape[1:]),
+                              b.reshape(blocks, n // blocks, *b.shape[1:]), dims,
+                              preferred_element_type=jnp.float32)
+    return jnp.sum(partial, axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def pointwise_conv2d_matmul(x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
+    """1x1 convolution (stride 1, possibly grouped) as a matmul over channels.
+
+    The backward is a custom VJP: the input gradient is the matmul with the transposed kernel, the kernel
+    gradient is `row_blocked_gram` of the input and the cotangent.
+    """
+    return _pointwise_forward(x, kernel, groups)
+
+
+def _pointwise_fwd(x, kernel, groups):
+    return _pointwise_forward(x, kernel, groups), (x, kernel)
+
+
+def _pointwise_bwd(groups, residuals, cotangent):
+    # Materialised as they are: otherwise XLA fuses their producers (for LiteMLA's grouped 1x1: the 5x5
+    # depthwise sum, the attention's backward) into the transposed copies the weight gradient reads, and
+    # recomputes them in strided order.
+    x, kernel, cotangent = lax.optimization_barrier((*residuals, cotangent))
+    c_in_per_group, c_out = kernel.shape[2], kernel.shape[3]
+    c_out_per_group = c_out // groups
+    w = kernel.reshape(c_in_per_group, c_out)
+    n = x.size // x.shape[-1]
+    if groups == 1:
+        dx = jnp.einsum("bhwd,cd->bhwc", cotangent, w)
+        dw = row_blocked_gram(x.reshape(n, c_in_per_group), cotangent.reshape(n, c_out))
+        return dx.astype(x.dtype), dw.reshape(kernel.shape).astype(kernel.dtype)
+    g = cotangent.reshape(*cotangent.shape[:3], groups, c_out_per_group)
+    if c_out_per_group <= MAX_BROADCAST_GROUP_CHANNELS:
+        # The input gradient is the grouped 1x1 convolution of the cotangent with each group's kernel
+        # transposed: (C_out/G, G * C_in/G), in the broadcast form of the forward (no group-major copies).
+        transposed = w.reshape(c_in_per_group, groups, c_out_per_group).transpose(2, 1, 0)
+        dx = grouped_pointwise_conv2d_broadcast(cotangent, transposed.reshape(1, 1, c_out_per_group, -1), groups)
+    else:
+        dx = jnp.einsum("bhwgd,gcd->bhwgc", g, _group_major(w, groups)).reshape(x.shape)
+    dw_groups = row_blocked_gram(x.reshape(n, groups, c_in_per_group), g.reshape(n, groups, c_out_per_group))
+    dw = dw_groups.transpose(1, 0, 2).reshape(c_in_per_group, c_out)
+    return dx.astype(x.dtype), dw.reshape(kernel.shape).astype(kernel.dtype)
+
+
+pointwise_conv2d_matmul.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
 def grouped_pointwise_conv2d_broadcast(x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
@@ -190,7 +400,7 @@ def conv2d(
             return fast_grouped_pointwise_conv2d(x, kernel, groups)
         return pointwise_conv2d_matmul(x, kernel, groups)
     if groups == c_in and c_in_per_group == 1 and c_out == c_in:
-        return depthwise_conv2d_shift_add(x, kernel, stride, padding)
+        return depthwise_conv2d(x, kernel, stride, padding)
     if groups == 1 and c_in <= MAX_BROADCAST_CONV_INPUTS:
         return fast_stem_conv2d(x, kernel, stride, padding)
     return lax_conv2d(x, kernel, stride, padding, groups)

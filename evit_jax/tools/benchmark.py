@@ -31,6 +31,7 @@ import numpy as np
 
 from evit_jax.models import flops
 from evit_jax.models import create_model, get_model_spec, list_models
+from evit_jax.models.fold import folded_model
 from evit_jax.tools import chips
 
 # Published figures (the READMEs of mit-han-lab/efficientvit applications/efficientvit_{cls,seg}; detection: the
@@ -131,8 +132,10 @@ def count_params(params: Any) -> int:
     return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
 
 
-def _timm_forward(name: str, batch: int, height: int, width: int, dtype: str, threads: int) -> Callable[[], Any]:
-    """A zero-argument eager timm forward (inference_mode, channels_last); raises ValueError if unavailable."""
+def _timm_forward(name: str, batch: int, height: int, width: int, dtype: str, threads: int,
+                  compile_model: bool = False) -> Callable[[], Any]:
+    """A zero-argument timm forward (inference_mode, channels_last; eager, or `torch.compile`d with
+    `compile_model`: compiled by the warm-up calls); raises ValueError if unavailable."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import timm  # noqa: PLC0415 - optional, only for --compare-timm
     import torch  # noqa: PLC0415
@@ -148,6 +151,8 @@ def _timm_forward(name: str, batch: int, height: int, width: int, dtype: str, th
                                                                 memory_format=torch.channels_last)
     x = torch.randn(batch, 3, height, width, dtype=torch_dtype, device=device).contiguous(
         memory_format=torch.channels_last)
+    if compile_model:
+        model = torch.compile(model)
 
     def forward():
         with torch.inference_mode():
@@ -194,9 +199,15 @@ def benchmark(
     compare_timm: bool = False,
     peak: float | None = None,
     conv_impl: str = "auto",
+    fold_bn: bool = False,
+    timm_compile: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Benchmark one model's jitted eval forward; returns the figures it prints."""
+    """Benchmark one model's jitted eval forward; returns the figures it prints.
+
+    fold_bn: time the model with every BatchNorm folded into its conv (evit_jax.models.fold); the MACs and
+    the timm reference are unchanged.
+    """
     spec = get_model_spec(model)  # unknown name -> ValueError before any work
     height, width = parse_resolution(res)
     if height % 32 or width % 32:
@@ -213,6 +224,8 @@ def benchmark(
     init = jax.jit(lambda x: net.init(jax.random.PRNGKey(1), x, train=False), out_shardings=replicated)
     variables = init(x[:1])
     params = count_params(variables["params"])
+    if fold_bn:
+        net, variables = folded_model(spec.name, variables, dtype=DTYPES[dtype], conv_impl=conv_impl)
     macs = flops.count_macs(spec.name, height, width)
 
     forward = jax.jit(lambda v, x: net.apply(v, x, train=False))
@@ -228,13 +241,14 @@ def benchmark(
     calls = {"jax": lambda: compiled(variables, x).block_until_ready()}
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if timm_name:
-        calls["timm"] = _timm_forward(timm_name, batch, height, width, dtype, threads)
+        calls["timm"] = _timm_forward(timm_name, batch, height, width, dtype, threads, timm_compile)
     timings = time_in_phases(calls, iters, warmup)
 
     device = jax.local_devices()[0]
     peak_value, peak_source = peak_tflops(device, dtype, peak)
     result: dict[str, Any] = dict(
-        model=spec.name, batch=batch, height=height, width=width, dtype=dtype, device=device.device_kind,
+        model=spec.name, batch=batch, height=height, width=width, dtype=dtype, fold_bn=fold_bn,
+        device=device.device_kind,
         num_devices=len(jax.local_devices()), params=params, gmacs=macs / 1e9, xla_gmacs=xla_gmacs,
         compile_s=compile_s, jax_images_per_s=batch / timings["jax"].median,
         jax_images_per_s_best=batch / timings["jax"].best, output_finite=finite, peak_tflops=peak_value,
@@ -245,6 +259,7 @@ def benchmark(
         from evit_jax.tools.train_bench import torch_device  # noqa: PLC0415
 
         result.update(timm_model=timm_name, timm_threads=threads, timm_device=torch_device(),
+                      timm_compile=timm_compile,
                       timm_images_per_s=batch / timings["timm"].median,
                       timm_images_per_s_best=batch / timings["timm"].best)
         result["jax_over_timm"] = result["jax_images_per_s"] / result["timm_images_per_s"]
@@ -254,7 +269,7 @@ def benchmark(
 
 def _report(r: dict[str, Any], timm_skip: str, log: Callable[[str], None]) -> None:
     log(f"model            {r['model']}  batch {r['batch']}  {r['height']}x{r['width']}  {r['dtype']}  "
-        f"on {r['num_devices']} x {r['device']}")
+        f"on {r['num_devices']} x {r['device']}{'  (BatchNorm folded into the convs)' if r['fold_bn'] else ''}")
     log(f"params           {r['params'] / 1e6:.2f} M")
     log(f"GMACs/image      {r['gmacs']:.3f}  ({MAC_METHOD}); XLA cost_analysis flops/2: {r['xla_gmacs']:.3f}")
     log(f"compile          {r['compile_s']:.1f} s")
@@ -265,7 +280,8 @@ def _report(r: dict[str, Any], timm_skip: str, log: Callable[[str], None]) -> No
     else:
         log(f"MFU              n/a ({r['peak_source']})")
     if "timm_images_per_s" in r:
-        log(f"timm images/s    {r['timm_images_per_s']:.1f} (timm {r['timm_model']}, eager, inference_mode, "
+        mode = "torch.compile" if r["timm_compile"] else "eager"
+        log(f"timm images/s    {r['timm_images_per_s']:.1f} (timm {r['timm_model']}, {mode}, inference_mode, "
             f"channels_last, {r['timm_device']}, {r['timm_threads']} threads; best {r['timm_images_per_s_best']:.1f})")
         log(f"JAX / timm       {r['jax_over_timm']:.2f}x")
     elif timm_skip:
@@ -310,7 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-timm", action="store_true", help="also time the timm model in the same run")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: by device kind)")
     p.add_argument("--conv-impl", choices=("auto", "lax", "fast"), default="auto", help="see evit_jax.models.ops")
+    p.add_argument("--timm-compile", action="store_true", help="with --compare-timm: torch.compile timm's model")
+    p.add_argument("--fold-bn", action="store_true",
+                   help="fold every BatchNorm into its conv before timing (evit_jax.models.fold)")
     p.add_argument("--all", action="store_true", help="print params and GMACs of every model as a Markdown table")
+    p.add_argument("--no-retain-memory", action="store_true",
+                   help="keep glibc's default of unmapping freed blocks above 32 MiB "
+                        "(see evit_jax.tools.train_bench.retain_freed_memory)")
     return p
 
 
@@ -323,8 +345,13 @@ def main(argv: Sequence[str] | None = None) -> Any:
     args = build_parser().parse_args(argv)
     if args.all:
         return model_table()
+    if not args.no_retain_memory:
+        from evit_jax.tools.train_bench import retain_freed_memory  # noqa: PLC0415
+
+        retain_freed_memory()
     return benchmark(args.model, args.batch, args.res, dtype=args.dtype, iters=args.iters, warmup=args.warmup,
-                     compare_timm=args.compare_timm, peak=args.peak_tflops, conv_impl=args.conv_impl)
+                     compare_timm=args.compare_timm, peak=args.peak_tflops, conv_impl=args.conv_impl,
+                     fold_bn=args.fold_bn, timm_compile=args.timm_compile)
 
 
 if __name__ == "__main__":
