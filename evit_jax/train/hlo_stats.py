@@ -34,8 +34,9 @@ _OPERAND = re.compile(r"%([\w.\-]+)")
 class Collective:
     kind: str          # one of COLLECTIVES
     bytes: int         # per device (see the module docstring)
-    shapes: str        # the result type as written, e.g. "f32[512,224,224,3]"
+    shapes: str        # the result type without layouts, e.g. "f32[512,224,224,3]"
     name: str          # the instruction's name
+    arrays: tuple[tuple[str, tuple[int, ...]], ...] = ()  # every (dtype, dims) of the result type
 
 
 def _type_bytes(type_str: str) -> int:
@@ -94,7 +95,8 @@ def collectives(hlo_text: str) -> list[Collective]:
             continue
         operand_bytes = sum(sizes.get(o, 0) for o in _OPERAND.findall(args))
         result = max((_type_bytes(t) for t in _top_level_types(type_str)), default=0)
-        found.append(Collective(kind, max(operand_bytes, result), _strip_layouts(type_str), name))
+        arrays = tuple((d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in _ARRAY.findall(type_str))
+        found.append(Collective(kind, max(operand_bytes, result), _strip_layouts(type_str), name, arrays))
     return found
 
 

@@ -162,6 +162,11 @@ class Experiment:
         inputs, targets = self.task.preprocess_train(batch, aug_rng)
 
         def loss_fn(params):
+            if self.strategy == "fsdp":
+                # ZeRO-3: every parameter is gathered whole for the computation (its gradient is then
+                # reduced back onto its shard). Left to choose, XLA may instead move activations
+                # between devices for a kernel sharded on its input (contracted) dimension.
+                params = jax.lax.with_sharding_constraint(params, mesh_lib.replicated_sharding(self.mesh))
             outputs, mutated = self.model.apply(
                 {"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
                 mutable=["batch_stats"], rngs={"dropout": dropout_rng})
