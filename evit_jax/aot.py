@@ -27,6 +27,7 @@ import contextlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
@@ -50,6 +51,11 @@ GiB = 2 ** 30
 
 class DoesNotFit(ValueError):
     """A step needs more memory per chip than the chip has."""
+
+
+_REMEDY = ("lower the batch (--batch_per_chip / --config.global_batch_size; --find_max_batch finds the largest), "
+           "shard the parameters (--config.sharding.strategy=fsdp) or compute in bfloat16 "
+           "(--config.model.dtype=bfloat16).")
 
 
 # ---------------------------------------------------------------------------- the slice
@@ -99,7 +105,7 @@ def _first_line(error: Exception) -> str:
 
 
 def step_report(compiled, *, what: str, batch_per_chip: int, macs_per_image: int, passes: int,
-                chip, dtype: str, compile_s: float) -> dict:
+                chip, dtype: str, compile_s: float, compile_cpu_s: float | None = None) -> dict:
     """Everything the report says about one compiled step (see `hlo_stats`)."""
     from evit_jax.train import hlo_stats
 
@@ -112,9 +118,15 @@ def step_report(compiled, *, what: str, batch_per_chip: int, macs_per_image: int
     collective_bytes = sum(v["bytes"] for v in summary.values())
     model_flops = 2.0 * passes * macs_per_image * batch_per_chip
     step_s = roof["step_s"]
+    # Temporaries grow with the batch, the rest (state, code) does not: the batch at which the chip
+    # would be full, extrapolated linearly from this one compile (--find_max_batch compiles to check).
+    per_image = mem["temporaries"] / max(batch_per_chip, 1)
+    room = chip.hbm_gib * GiB - (mem["total"] - mem["temporaries"])
+    max_batch = int(room // per_image) if per_image > 0 else None
     optimal = cost["optimal_seconds"]
     return {
-        "step": what, "batch_per_chip": batch_per_chip, "compile_s": compile_s,
+        "step": what, "batch_per_chip": batch_per_chip, "compile_s": compile_s, "compile_cpu_s": compile_cpu_s,
+        "max_batch_per_chip_extrapolated": max_batch,
         "memory_bytes": mem, "hbm_bytes": int(chip.hbm_gib * GiB), "fits": mem["total"] <= chip.hbm_gib * GiB,
         "flops": cost["flops"], "bytes_accessed": cost["bytes_accessed"],
         "roofline": roof,
@@ -140,11 +152,14 @@ def format_step(r: dict) -> str:
     m = r["memory_bytes"]
     roof = r["roofline"]
     lines = [
-        f"{r['step']} ({r['batch_per_chip']} per chip): compiled in {r['compile_s']:.1f} s",
+        f"{r['step']} ({r['batch_per_chip']} per chip): compiled in {r['compile_s']:.1f} s"
+        + (f" ({r['compile_cpu_s']:.1f} s of CPU)" if r.get("compile_cpu_s") is not None else ""),
         f"  HBM per chip: arguments {m['arguments'] / GiB:.2f} GiB, temporaries {m['temporaries'] / GiB:.2f}, "
         f"outputs {m['outputs'] / GiB:.2f} ({m['aliased'] / GiB:.2f} aliased to arguments), code "
         f"{m['code'] / GiB:.3f} -> total {m['total'] / GiB:.2f} of {r['hbm_bytes'] / GiB:.1f} GiB: "
-        + ("fits" if r["fits"] else "DOES NOT FIT"),
+        + ("fits" if r["fits"] else "DOES NOT FIT")
+        + (f" (full at ~{r['max_batch_per_chip_extrapolated']} per chip, extrapolated)"
+           if r["max_batch_per_chip_extrapolated"] is not None else ""),
         f"  per chip per step: {r['flops'] / 1e9:.1f} GFLOP (compiled), {r['bytes_accessed'] / 1e9:.1f} GB accessed; "
         f"roofline estimate {roof['step_s'] * 1e3:.2f} ms ({roof['bound']}-bound: compute {roof['compute_s'] * 1e3:.2f} ms, "
         f"memory {roof['memory_s'] * 1e3:.2f} ms); compiler's estimate "
@@ -162,6 +177,16 @@ def format_step(r: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- the run
+def for_tpu(config):
+    """A copy of ``config`` for compiling on this machine what a TPU host would compile: conv_impl
+    "auto" picks by the DEFAULT backend (here the CPU's formulations, `evit_jax.models.ops.use_fast_path`),
+    while on the slice it resolves to lax.conv."""
+    config = config.copy_and_resolve_references()
+    if config.model.conv_impl == "auto":
+        config.model.conv_impl = "lax"
+    return config
+
+
 def _with_batches(config, chips: int, batch_per_chip: int | None, eval_per_chip: int | None):
     config = config.copy_and_resolve_references()
     if batch_per_chip is not None:
@@ -192,11 +217,8 @@ def _compile(compile_fn: Callable, what: str, chip, config, chips: int):
         if not _is_out_of_memory(e):
             raise
         per_chip = config.global_batch_size // chips
-        raise DoesNotFit(
-            f"{what} does not fit in the {chip.hbm_gib:.0f} GiB of a {chip.name} chip at {per_chip} images per chip "
-            f"({_first_line(e)[:200]}); lower the batch (--batch_per_chip / --config.global_batch_size), shard "
-            f"the parameters (--config.sharding.strategy=fsdp) or compute in bfloat16 "
-            f"(--config.model.dtype=bfloat16).") from None
+        raise DoesNotFit(f"{what} does not fit in the {chip.hbm_gib:.0f} GiB of a {chip.name} chip at {per_chip} "
+                         f"images per chip ({_first_line(e)[:200]}); " + _REMEDY) from None
 
 
 def plan(config, topology: str, *, resolutions=None, include_eval: bool = True,
@@ -208,6 +230,7 @@ def plan(config, topology: str, *, resolutions=None, include_eval: bool = True,
 
     tpu_slice, devices = topology_devices(topology)
     chip = chip_table.CHIPS[tpu_slice.chip]
+    config = for_tpu(config)
     experiment = loop.setup_experiment(config, devices, published_facts=published_facts)
     n = len(devices)
     hosts = len({d.process_index for d in devices})
@@ -220,22 +243,26 @@ def plan(config, topology: str, *, resolutions=None, include_eval: bool = True,
     model_name = experiment.task.model_name
     for res in _parse_resolutions(resolutions, experiment.task.train_resolutions()):
         what = f"train step {res[0]}x{res[1]}"
+        cpu0 = time.process_time()
         compiled = _compile(lambda: experiment.compile_train_step(res), what, chip, config, n)
+        cpu_s = time.process_time() - cpu0
         report["steps"].append(step_report(
             compiled, what=what, batch_per_chip=config.global_batch_size // n,
             macs_per_image=count_macs(model_name, *res), passes=3, chip=chip, dtype=dtype,
-            compile_s=experiment.compile_seconds[what]))
+            compile_s=experiment.compile_seconds[what], compile_cpu_s=cpu_s))
         print(format_step(report["steps"][-1]), flush=True)
     if include_eval:
         for key in experiment.task.eval_batch_keys():
             before = set(experiment.compile_seconds)
+            cpu0 = time.process_time()
             compiled, spec = _compile(lambda: experiment.eval_executable(key), f"eval step {key}", chip, config, n)
+            cpu_s = time.process_time() - cpu0
             what = (set(experiment.compile_seconds) - before).pop()
             image = spec["image"].shape
             report["steps"].append(step_report(
                 compiled, what=what, batch_per_chip=config.eval_batch_size // n,
                 macs_per_image=count_macs(model_name, image[1], image[2]), passes=1, chip=chip, dtype=dtype,
-                compile_s=experiment.compile_seconds[what]))
+                compile_s=experiment.compile_seconds[what], compile_cpu_s=cpu_s))
             print(format_step(report["steps"][-1]), flush=True)
     return report
 
@@ -256,7 +283,7 @@ def find_max_batch(config, topology: str, *, step: int = 8, published_facts: boo
     capacity = chip.hbm_gib * GiB
 
     def default_probe(cfg, per_chip):
-        experiment = loop.setup_experiment(_with_batches(cfg, n, per_chip, None), devices,
+        experiment = loop.setup_experiment(for_tpu(_with_batches(cfg, n, per_chip, None)), devices,
                                            published_facts=published_facts)
         res = max(experiment.task.train_resolutions(), key=lambda r: r[0] * r[1])
         try:
@@ -325,6 +352,12 @@ def main(argv):
         else:
             report = plan(config, _TOPOLOGY.value, resolutions=_RESOLUTIONS.value, include_eval=_EVAL.value,
                           published_facts=published)
+            too_big = [r for r in report["steps"] if not r["fits"]]
+            if too_big:
+                r = too_big[0]
+                raise DoesNotFit(
+                    f"{r['step']} needs {r['memory_bytes']['total'] / GiB:.2f} GiB per chip, more than the "
+                    f"{r['hbm_bytes'] / GiB:.0f} GiB of a {report['chip']} chip; " + _REMEDY)
     except (ValueError, FileNotFoundError) as e:
         logging.vlog(1, "Traceback", exc_info=True)
         raise SystemExit(f"error: {e}") from None

@@ -154,35 +154,42 @@ def test_slice_hosts_count_for_the_batch():
 
 # The compiled steps: tiny models (the EfficientViT ones take minutes to compile for a TPU) with
 # enough channels for XLA to keep whole collectives (it decomposes very small ones into permutes).
+def register_test_models() -> None:
+    """Models ``aot_test_cls`` (10 classes) and ``aot_test_seg`` (7 classes, stride-8 logits)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from evit_jax.models import ModelSpec, register_model
+
+    class Net(nn.Module):
+        num_classes: int
+        dtype: object
+        dense_head: bool
+
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            for i, width in enumerate((64, 256)):
+                x = nn.Conv(width, (3, 3), strides=2, use_bias=False, dtype=self.dtype, name=f"conv{i}")(x)
+                x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype, name=f"norm{i}")(x)
+                x = nn.relu(x)
+            if self.dense_head:
+                return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x.mean(axis=(1, 2))).astype(jnp.float32)
+            x = nn.Conv(256, (3, 3), strides=2, use_bias=False, dtype=self.dtype, name="conv2")(x)
+            return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="head")(x).astype(jnp.float32)
+
+    register_model(ModelSpec("aot_test_cls", "classification", "tiny", 10), lambda o: Net(o.classes(), o.cfg.dtype, True))
+    register_model(ModelSpec("aot_test_seg", "segmentation", "tiny", 7), lambda o: Net(o.classes(), o.cfg.dtype, False))
+
+
 _COMPILE = r"""
-import json, sys
+import json
 from evit_jax import aot
-import flax.linen as nn, jax, jax.numpy as jnp
-import numpy as np
+import jax
 from configs import demo, demo_seg
-from evit_jax.models import ModelSpec, register_model
 from evit_jax.train import hlo_stats, loop
+from tests.test_aot import register_test_models
 
-
-class Net(nn.Module):
-    num_classes: int
-    dtype: object
-    dense_head: bool
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        for i, width in enumerate((64, 256)):
-            x = nn.Conv(width, (3, 3), strides=2, use_bias=False, dtype=self.dtype, name=f"conv{i}")(x)
-            x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype, name=f"norm{i}")(x)
-            x = nn.relu(x)
-        if self.dense_head:
-            return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x.mean(axis=(1, 2))).astype(jnp.float32)
-        x = nn.Conv(256, (3, 3), strides=2, use_bias=False, dtype=self.dtype, name="conv2")(x)
-        return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="head")(x).astype(jnp.float32)
-
-
-register_model(ModelSpec("aot_test_cls", "classification", "tiny", 10), lambda o: Net(o.classes(), o.cfg.dtype, True))
-register_model(ModelSpec("aot_test_seg", "segmentation", "tiny", 7), lambda o: Net(o.classes(), o.cfg.dtype, False))
+register_test_models()
 _, devices = aot.topology_devices("v5e:2x2")
 out = {}
 for task, base, model in (("cls", demo.get_config("smoke"), "aot_test_cls"),
@@ -201,6 +208,37 @@ for task, base, model in (("cls", demo.get_config("smoke"), "aot_test_cls"),
         out[f"{task}/{strategy}"] = {"params": params, "collectives": found, "batch": 16}
 print(json.dumps(out))
 """
+
+_CLI = r"""
+import sys
+from tests.test_aot import register_test_models
+
+register_test_models()
+from evit_jax import aot
+
+sys.argv = ["aot"] + sys.argv[1:]
+aot.run()
+"""
+
+
+def test_cli_report_and_does_not_fit(tmp_path):
+    """The command prints each step and writes the JSON report; a batch too large for the chip is one
+    error line naming what to change."""
+    out = tmp_path / "report.json"
+    args = ["--config=configs/demo.py:smoke", "--config.model.name=aot_test_cls", "--topology=v5e-4"]
+    ok = subprocess.run([sys.executable, "-c", _CLI, *args, "--batch_per_chip=8", "--eval_batch_per_chip=8",
+                         f"--out={out}"], cwd=h.REPO, env=h.env_for(1), capture_output=True, text=True, timeout=900)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [s["step"] for s in report["steps"]] == ["train step 32x32", "eval step 32x32"]
+    assert report["chips"] == 4 and report["hosts"] == 1 and all(s["fits"] for s in report["steps"])
+    assert "estimated (roofline)" in ok.stdout and "images/s per chip" in ok.stdout
+    big = subprocess.run([sys.executable, "-c", _CLI, *args, "--batch_per_chip=262144", "--noeval"], cwd=h.REPO,
+                         env=h.env_for(1), capture_output=True, text=True, timeout=900)
+    assert big.returncode != 0
+    line = h.last_error_line(big)
+    assert line.startswith("error: train step 32x32") and "262144 images per chip" in line, big.stderr[-2000:]
+    assert "--config.sharding.strategy=fsdp" in line and "--config.model.dtype=bfloat16" in line
 
 
 @pytest.fixture(scope="module")
