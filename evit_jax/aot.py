@@ -44,6 +44,7 @@ _BATCH_STEP = flags.DEFINE_integer("batch_step", 8, "Granularity of --find_max_b
 _FACTS = flags.DEFINE_enum("dataset_facts", "published", ["published", "data"],
                            "published: the datasets' published facts (no data read); data: read the prepared dataset.")
 _OUT = flags.DEFINE_string("out", None, "Write the report as JSON here.")
+_HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Write each compiled step's optimised HLO text here (for reading).")
 flags.mark_flags_as_required(["config", "topology"])
 
 GiB = 2 ** 30
@@ -221,8 +222,15 @@ def _compile(compile_fn: Callable, what: str, chip, config, chips: int):
                          f"images per chip ({_first_line(e)[:200]}); " + _REMEDY) from None
 
 
+def _save_hlo(hlo_dir: str | None, what: str, compiled) -> None:
+    if hlo_dir:
+        os.makedirs(hlo_dir, exist_ok=True)
+        with open(os.path.join(hlo_dir, what.replace(" ", "_").replace("/", "_") + ".hlo.txt"), "w") as f:
+            f.write(compiled.as_text())
+
+
 def plan(config, topology: str, *, resolutions=None, include_eval: bool = True,
-         published_facts: bool = True) -> dict:
+         published_facts: bool = True, hlo_dir: str | None = None) -> dict:
     """Compiles the run's steps for ``topology`` and returns the report (a JSON-able dict)."""
     from evit_jax.models.flops import count_macs
     from evit_jax.tools import chips as chip_table
@@ -246,6 +254,7 @@ def plan(config, topology: str, *, resolutions=None, include_eval: bool = True,
         cpu0 = time.process_time()
         compiled = _compile(lambda: experiment.compile_train_step(res), what, chip, config, n)
         cpu_s = time.process_time() - cpu0
+        _save_hlo(hlo_dir, what, compiled)
         report["steps"].append(step_report(
             compiled, what=what, batch_per_chip=config.global_batch_size // n,
             macs_per_image=count_macs(model_name, *res), passes=3, chip=chip, dtype=dtype,
@@ -258,6 +267,7 @@ def plan(config, topology: str, *, resolutions=None, include_eval: bool = True,
             compiled, spec = _compile(lambda: experiment.eval_executable(key), f"eval step {key}", chip, config, n)
             cpu_s = time.process_time() - cpu0
             what = (set(experiment.compile_seconds) - before).pop()
+            _save_hlo(hlo_dir, what, compiled)
             image = spec["image"].shape
             report["steps"].append(step_report(
                 compiled, what=what, batch_per_chip=config.eval_batch_size // n,
@@ -351,7 +361,7 @@ def main(argv):
                   f"(multiples of {report['step']}; tried {report['tried']})", flush=True)
         else:
             report = plan(config, _TOPOLOGY.value, resolutions=_RESOLUTIONS.value, include_eval=_EVAL.value,
-                          published_facts=published)
+                          published_facts=published, hlo_dir=_HLO_DIR.value)
             too_big = [r for r in report["steps"] if not r["fits"]]
             if too_big:
                 r = too_big[0]
