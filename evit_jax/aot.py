@@ -313,8 +313,8 @@ def find_max_batch(config, topology: str, *, step: int = 8, published_facts: boo
     per_chip = start
     while True:
         tried[per_chip] = probe(config, per_chip)
-        logging.info("batch %d per chip: %s", per_chip,
-                     "does not fit" if tried[per_chip] is None else f"{tried[per_chip] / GiB:.2f} GiB")
+        print(f"batch {per_chip} per chip: " + ("does not fit" if tried[per_chip] is None
+                                                 else f"{tried[per_chip] / GiB:.2f} GiB"), flush=True)
         fits = sorted(b for b, m in tried.items() if m is not None)
         fails = sorted(b for b, m in tried.items() if m is None)
         lo = fits[-1] if fits else 0
@@ -341,6 +341,10 @@ def find_max_batch(config, topology: str, *, step: int = 8, published_facts: boo
             if nxt in tried or nxt <= lo:
                 break
         per_chip = nxt
+    if lo == 0:
+        raise DoesNotFit(f"not even {step} images per chip fit in the {chip.hbm_gib:.0f} GiB of a {chip.name} chip; "
+                         "shard the parameters (--config.sharding.strategy=fsdp) or compute in bfloat16 "
+                         "(--config.model.dtype=bfloat16).")
     return {"slice": tpu_slice.name, "max_batch_per_chip": lo, "tried": {str(k): v for k, v in sorted(tried.items())},
             "step": step, "hbm_bytes": int(capacity)}
 

@@ -89,6 +89,8 @@ def test_find_max_batch_search():
         result = aot.find_max_batch(Config, "v5e-16", step=8, probe=probe)
         assert result["max_batch_per_chip"] == truth, (result, truth)
         assert len(calls) <= 10, calls
+    with pytest.raises(aot.DoesNotFit, match="not even 8 images per chip fit"):
+        aot.find_max_batch(Config, "v5e-16", step=8, probe=lambda config, b: None)
 
 
 def test_unknown_topology_and_missing_libtpu_are_one_line(monkeypatch):
