@@ -29,6 +29,9 @@ def config(strategy, model="tiny_test_cnn"):
 
 def train(strategy, devices):
     e = loop.setup_experiment(config(strategy), devices=devices)
+    # Mixing pairs examples within blocks of the batch, one per device: one device reproduces the
+    # 4-device pairing by using 4 blocks.
+    e.task.batch_shards = 4
     state = e.init_state()
     steps = e.compile_train_steps()
     it = e.task.train_iterator(0, 8)

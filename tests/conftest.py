@@ -15,6 +15,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# libtpu (a test requirement: evit_jax.aot compiles for TPU slices) otherwise lets only one process
+# of the machine load it at a time; the tests run in parallel processes.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import pytest  # noqa: E402
 

@@ -70,6 +70,97 @@ def test_mix_disabled_and_single_kind():
             assert ok.all()
 
 
+def _numpy_mix(images, targets, draws):
+    """The mixing of one step written plainly in numpy from the step's random choices."""
+    x, y = np.asarray(images, np.float64), np.asarray(targets, np.float64)
+    partner, lam = np.asarray(draws["partner"]), float(draws["lam"])
+    out_x, out_y = np.empty_like(x), np.empty_like(y)
+    h, w = x.shape[1:3]
+    for i, j in enumerate(partner):
+        if bool(draws["use_cutmix"]):
+            y1, y2, x1, x2 = (int(v) for v in np.asarray(draws["box"])[i])
+            out_x[i] = x[i]
+            out_x[i, y1:y2, x1:x2] = x[j, y1:y2, x1:x2]
+            lam_i = 1.0 - (x2 - x1) * (y2 - y1) / (h * w)
+            out_y[i] = lam_i * y[i] + (1 - lam_i) * y[j]
+        else:
+            out_x[i] = lam * x[i] + (1 - lam) * x[j]
+            out_y[i] = lam * y[i] + (1 - lam) * y[j]
+    return out_x, out_y
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4])
+def test_partners_are_a_permutation_within_each_shard(shards):
+    block = B // shards
+    seen_other_block_position = False
+    for seed in range(10):
+        d = cls.mix_draws(jax.random.key(seed), B, H, W, mixup_alpha=0.5, cutmix_alpha=0.5, shards=shards)
+        partner = np.asarray(d["partner"])
+        for s in range(shards):
+            assert sorted(partner[s * block:(s + 1) * block]) == list(range(s * block, (s + 1) * block))
+        seen_other_block_position |= bool(np.any(partner != np.arange(B)))
+    assert seen_other_block_position
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("shards", [1, 4])
+def test_mix_equals_numpy_reference(seed, shards):
+    """mix_batch == the plain numpy mixing with the same random choices (float32 vs float64: 1e-5)."""
+    images, targets = _batch(seed)
+    key = jax.random.key(seed)
+    draws = cls.mix_draws(key, B, H, W, mixup_alpha=0.8, cutmix_alpha=0.8, shards=shards)
+    out_x, out_y = cls.mix_batch(images, targets, key, mixup_alpha=0.8, cutmix_alpha=0.8, shards=shards)
+    ref_x, ref_y = _numpy_mix(images, targets, draws)
+    np.testing.assert_allclose(np.asarray(out_x), ref_x, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out_y), ref_y, rtol=1e-5, atol=1e-6)
+
+
+_SHARDED_MIX = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from evit_jax.tasks import classification as cls
+from evit_jax.train import hlo_stats
+from tests.test_train_classification import _numpy_mix
+
+mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "fsdp"))
+sharded = NamedSharding(mesh, P(("data", "fsdp")))
+b, h, w, k = 16, 8, 8, 10
+fn = jax.jit(lambda x, y, key: cls.mix_batch(x, y, jax.random.wrap_key_data(key), mixup_alpha=0.8,
+                                              cutmix_alpha=0.8, shards=4),
+             in_shardings=(sharded, sharded, None), out_shardings=(sharded, sharded))
+rng = np.random.default_rng(0)
+x = rng.normal(size=(b, h, w, 3)).astype(np.float32)
+y = np.asarray(jax.nn.one_hot(np.arange(b) % k, k))
+xs, ys = jax.device_put(x, sharded), jax.device_put(y, sharded)
+compiled = fn.lower(xs, ys, jax.random.key_data(jax.random.key(0))).compile()
+for seed in range(6):
+    key = jax.random.key_data(jax.random.key(seed))
+    out_x, out_y = compiled(xs, ys, key)
+    draws = cls.mix_draws(jax.random.wrap_key_data(key), b, h, w, mixup_alpha=0.8, cutmix_alpha=0.8, shards=4)
+    ref_x, ref_y = _numpy_mix(x, y, draws)
+    np.testing.assert_allclose(np.asarray(out_x), ref_x, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out_y), ref_y, rtol=1e-5, atol=1e-6)
+print(json.dumps(hlo_stats.summarize(hlo_stats.collectives(compiled.as_text()))))
+"""
+
+
+def test_sharded_mix_gathers_nothing_across_devices():
+    """On 4 CPU devices the compiled mixing has no collective at all (the partners are on the same
+    device) and equals the numpy reference of per-shard pairing."""
+    import json
+    import subprocess
+    import sys
+
+    from tests import _train_helpers as h
+
+    result = subprocess.run([sys.executable, "-c", _SHARDED_MIX], env=h.env_for(4), cwd=h.REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert all(v["count"] == 0 for v in found.values()), found
+
+
 def test_label_smoothing_and_losses():
     y = cls.smooth_labels(jnp.array([2]), 4, 0.1)
     np.testing.assert_allclose(y, [[0.025, 0.025, 0.925, 0.025]], rtol=1e-6)

@@ -103,6 +103,72 @@ class DatasetInfo:
     image_key: str
     label_key: str
     category_ids: tuple[int, ...] | None = None   # detection: original category id of class k
+    # (h, w) of every image of the eval split when all share it and it is known without reading them
+    # (the published facts of Cityscapes); None otherwise.
+    eval_image_hw: tuple[int, int] | None = None
+
+
+# What the real datasets' publications state, for planning a run without the data (`published_info`,
+# `evit_jax.aot`): (task, classes, split sizes, eval image (h, w) when fixed, image key, label key).
+# ILSVRC2012 (1000 classes, 1,281,167 train / 50,000 validation), Cityscapes gtFine (19 training
+# classes, 2,975 / 500, all 1024x2048), ADE20K SceneParsing (150 classes, 20,210 / 2,000, sizes
+# vary), COCO 2017 detection (80 classes, 118,287 / 5,000, sizes vary).
+_PUBLISHED: dict[str, tuple[str, int, dict[str, int], tuple[int, int] | None, str, str]] = {
+    "imagenet2012": ("classification", 1000, {"train": 1281167, "validation": 50000}, None, "image", "label"),
+    "cityscapes": ("segmentation", 19, {"train": 2975, "validation": 500}, (1024, 2048), "image", "segmentation_mask"),
+    "ade20k": ("segmentation", 150, {"train": 20210, "validation": 2000}, None, "image", "segmentation_mask"),
+    "coco": ("detection", 80, {"train": 118287, "validation": 5000}, None, "image", "objects"),
+}
+
+
+def published_info(name: str, *, task: str, num_classes: int = -1,
+                   splits: Sequence[str] = ()) -> DatasetInfo:
+    """The facts of dataset ``name`` without reading it: the published ones of the real datasets
+    (:data:`_PUBLISHED`; class names from the builder when it has them), or, for any other name,
+    the caller's ``num_classes`` (> 0) for a ``task`` dataset whose ``splits`` sizes are unknown (0).
+    One ValueError when neither applies."""
+    base, config = _split_name(name)
+    entry = _REGISTRY.get(base)
+    if entry is not None and entry.auto_build:
+        return _generated_info(name, entry, config)
+    if base in _PUBLISHED:
+        ds_task, classes, sizes, eval_hw, image_key, label_key = _PUBLISHED[base]
+        cls = _builder_class(entry) if entry is not None else None
+        names = tuple(getattr(cls, "CLASS_NAMES", ())) or None
+        return DatasetInfo(base, ds_task, classes, dict(sizes), names, 255 if ds_task == "segmentation" else None,
+                           image_key, label_key, _planning_category_ids(ds_task, classes), eval_hw)
+    if num_classes is None or num_classes <= 0:
+        raise ValueError(f"dataset {name!r} has no published facts here (known: {', '.join(sorted(_PUBLISHED))}); "
+                         "prepare it, or state its classes with --config.model.num_classes=N "
+                         "(and the schedule with --config.total_steps=N).")
+    label_key = {"segmentation": "segmentation_mask", "detection": "objects"}.get(task, "label")
+    return DatasetInfo(name, task, int(num_classes), {s.split("[")[0]: 0 for s in splits}, None,
+                       255 if task == "segmentation" else None, "image", label_key,
+                       _planning_category_ids(task, int(num_classes)))
+
+
+def _planning_category_ids(task: str, num_classes: int) -> tuple[int, ...] | None:
+    """Detection classes numbered 0..N-1 as the original ids when planning without the data (the
+    ids only matter to COCO evaluation, which needs the data)."""
+    return tuple(range(num_classes)) if task == "detection" else None
+
+
+def _generated_info(name: str, entry: _Entry, config: str | None) -> DatasetInfo:
+    """The facts of a built-in generated dataset from its builder config (no build): split sizes
+    from ``num_<split>``, a fixed ``image_size``."""
+    cls = _builder_class(entry)
+    configs = {c.name: c for c in cls.BUILDER_CONFIGS}
+    key = config or getattr(cls, "DEFAULT_CONFIG_NAME", cls.BUILDER_CONFIGS[0].name)
+    if key not in configs:
+        raise ValueError(f"Unknown config {config!r} of dataset {name!r}; known configs: {sorted(configs)}.")
+    cfg = configs[key]
+    sizes = {split: int(getattr(cfg, f"num_{split}")) for split in ("train", "test", "validation")
+             if hasattr(cfg, f"num_{split}")}
+    names = tuple(getattr(cls, "CLASS_NAMES", None) or importlib.import_module(cls.__module__).CLASS_NAMES)
+    seg = entry.task == "segmentation"
+    return DatasetInfo(name, entry.task, len(names), sizes, names, 255 if seg else None,
+                       getattr(cls, "IMAGE_KEY", "image"), getattr(cls, "LABEL_KEY", "label"),
+                       _planning_category_ids(entry.task, len(names)), (int(cfg.image_size), int(cfg.image_size)))
 
 
 def list_datasets() -> list[str]:

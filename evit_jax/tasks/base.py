@@ -41,7 +41,10 @@ be pure jnp code, with no Python control flow on values):
 
 * :meth:`Task.preprocess_train` - ``(batch, rng) -> (inputs, targets)``: uint8 -> normalised
   float, plus task augmentations that are cheap on device (mixup/cutmix for
-  classification). ``rng`` is the step's key, identical on every process.
+  classification). ``rng`` is the step's key, identical on every process. Code that combines
+  examples must keep them within one of the :attr:`Task.batch_shards` equal contiguous blocks of
+  the batch (one per device, set by the loop from the mesh): indexing across blocks makes XLA
+  gather the whole global batch onto every device.
 * :meth:`Task.preprocess_eval` - ``batch -> (inputs, targets)``, deterministic.
 * :meth:`Task.loss_and_metrics` - ``(outputs, targets) -> (scalar loss, {name: scalar})``,
   averaged over the global batch (train batches are never padded).
@@ -96,6 +99,9 @@ class Task(abc.ABC):
 
     #: registry name, e.g. "classification".
     name: str = ""
+    #: the number of equal contiguous blocks the global batch is split into, one per device (set by
+    #: the loop from the mesh before compiling; the same on every process for a given mesh size).
+    batch_shards: int = 1
 
     def __init__(self, config):
         self.config = config
@@ -278,6 +284,20 @@ class DatasetTask(Task):
     def __init__(self, config):
         super().__init__(config)
         self._info = None
+        self.published_facts = False
+
+    def use_published_facts(self) -> None:
+        """From now on the dataset's facts (classes, split sizes, keys, eval image sizes) come from
+        `sources.published_info` (the real datasets' published figures, the generated datasets'
+        builder configs, or ``config.model.num_classes`` for another name), not from the prepared
+        data: for planning a run where the data is not (`evit_jax.aot`). Raises one ValueError when
+        the dataset's facts are not known that way."""
+        from evit_jax.data import sources
+
+        d = self.config.data
+        self._info = sources.published_info(d.name, task=self.name, num_classes=self.config.model.num_classes,
+                                            splits=(d.train_split, d.eval_split))
+        self.published_facts = True
 
     @property
     def data_dir(self) -> str:
@@ -331,4 +351,9 @@ class DatasetTask(Task):
         from evit_jax.data import sources
 
         d = self.config.data
-        return len(sources.get_source(d.name, d.train_split, self.data_dir))
+        if not self.published_facts:
+            return len(sources.get_source(d.name, d.train_split, self.data_dir))
+        if "[" in d.train_split:
+            raise ValueError(f"the published facts know whole splits, not {d.train_split!r}; "
+                             "give the schedule with --config.total_steps=N.")
+        return self.info.split_sizes[d.train_split]

@@ -5,7 +5,8 @@ resolution, optional RandAugment and random-erasing boxes for training; resize +
 for evaluation), images stay uint8.
 Device side: normalisation, random erasing of the host's boxes, label smoothing, mixup/cutmix
 (exactly one per step, chosen with equal probability, lambda ~ Beta(alpha, alpha) shared by
-the batch as in the official recipe), BCE-with-logits (official ``bce: true``) or softmax
+the batch as in the official recipe; each example's random partner is drawn from its own device's
+block of the batch, so mixing moves no images between devices), BCE-with-logits (official ``bce: true``) or softmax
 cross-entropy, and exact top-1/top-5 counts for evaluation (optionally per class).
 
 Optional parts of the official recipe (all off by default, see evit_jax/tasks/config.py):
@@ -53,20 +54,24 @@ def smooth_labels(labels: jax.Array, num_classes: int, smoothing: float) -> jax.
     return onehot * (1.0 - smoothing) + smoothing / num_classes
 
 
-def mix_batch(images: jax.Array, targets: jax.Array, rng: jax.Array, *, mixup_alpha: float,
-              cutmix_alpha: float) -> tuple[jax.Array, jax.Array]:
-    """Applies exactly one of mixup / cutmix (equal probability when both are enabled).
+def mix_draws(rng: jax.Array, batch: int, height: int, width: int, *, mixup_alpha: float,
+              cutmix_alpha: float, shards: int = 1) -> dict[str, jax.Array] | None:
+    """The random choices of one mixup/cutmix step (None when both alphas are 0).
 
-    Both pair every example with example ``perm[i]`` of a random permutation and mix the
-    targets linearly. mixup: ``lam * x + (1 - lam) * x[perm]`` with lam ~ Beta(a, a).
-    cutmix: a box of area ratio ~(1 - lam) centred at a uniform random pixel (clipped to the
-    image; drawn per example) is pasted from ``x[perm]``, and the targets are mixed with the
-    exact pasted area (lam_i = 1 - box_area / (H * W)).
+    ``use_cutmix``: which of the two (equal probability when both are enabled); ``lam`` ~
+    Beta(a, a), one per batch; ``partner`` (batch,) int32: example i is mixed with example
+    ``partner[i]``, a uniformly random permutation WITHIN each of the ``shards`` equal contiguous
+    blocks of the batch (one block per device: the partner is on the same device, so mixing needs no
+    cross-device gather; with one block it is a permutation of the whole batch); ``box`` (batch, 4)
+    int32 ``(y1, y2, x1, x2)``: cutmix's box of area ratio ~(1 - lam) centred at a uniform random
+    pixel, clipped to the image, drawn per example.
     """
     enabled = [(name, a) for name, a in (("mixup", mixup_alpha), ("cutmix", cutmix_alpha)) if a > 0]
     if not enabled:
-        return images, targets
-    b, h, w, _ = images.shape
+        return None
+    if batch % shards:
+        raise ValueError(f"a batch of {batch} does not split into {shards} equal blocks.")
+    h, w = height, width
     k_choice, k_lam, k_perm, k_x, k_y = jax.random.split(rng, 5)
     if len(enabled) == 2:
         use_cutmix = jax.random.bernoulli(k_choice, 0.5)
@@ -75,22 +80,50 @@ def mix_batch(images: jax.Array, targets: jax.Array, rng: jax.Array, *, mixup_al
         use_cutmix = jnp.asarray(enabled[0][0] == "cutmix")
         alpha = jnp.asarray(enabled[0][1], jnp.float32)
     lam = jnp.clip(jax.random.beta(k_lam, alpha, alpha), 0.0, 1.0)
-
-    partner = jax.random.permutation(k_perm, b)
-    other_images, other_targets = images[partner], targets[partner]
-
-    # mixup
-    mixed_images = lam * images + (1.0 - lam) * other_images
-    mixed_targets = lam * targets + (1.0 - lam) * other_targets
-
-    # cutmix
+    block = batch // shards
+    local = jax.vmap(lambda k: jax.random.permutation(k, block))(jax.random.split(k_perm, shards))
+    partner = (local + block * jnp.arange(shards)[:, None]).reshape(batch).astype(jnp.int32)
     cut = jnp.sqrt(1.0 - lam)
-    cx = jax.random.randint(k_x, (b,), 0, w).astype(jnp.float32)
-    cy = jax.random.randint(k_y, (b,), 0, h).astype(jnp.float32)
+    cx = jax.random.randint(k_x, (batch,), 0, w).astype(jnp.float32)
+    cy = jax.random.randint(k_y, (batch,), 0, h).astype(jnp.float32)
     x1 = jnp.floor(jnp.clip(cx - w * cut / 2, 0, w)).astype(jnp.int32)
     x2 = jnp.floor(jnp.clip(cx + w * cut / 2, 0, w)).astype(jnp.int32)
     y1 = jnp.floor(jnp.clip(cy - h * cut / 2, 0, h)).astype(jnp.int32)
     y2 = jnp.floor(jnp.clip(cy + h * cut / 2, 0, h)).astype(jnp.int32)
+    return {"use_cutmix": use_cutmix, "lam": lam, "partner": partner, "box": jnp.stack([y1, y2, x1, x2], axis=1)}
+
+
+def _gather_within_blocks(x: jax.Array, partner: jax.Array, shards: int) -> jax.Array:
+    """``x[partner]`` for a ``partner`` that stays within each of ``shards`` contiguous blocks, written
+    as a per-block gather (the block axis is the devices' axis, so XLA partitions it without moving
+    examples between devices)."""
+    block = x.shape[0] // shards
+    local = (partner - block * (jnp.arange(x.shape[0]) // block)).reshape(shards, block)
+    blocks = x.reshape(shards, block, *x.shape[1:])
+    return jax.vmap(lambda xs, idx: xs[idx])(blocks, local).reshape(x.shape)
+
+
+def mix_batch(images: jax.Array, targets: jax.Array, rng: jax.Array, *, mixup_alpha: float,
+              cutmix_alpha: float, shards: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Applies exactly one of mixup / cutmix (equal probability when both are enabled), with the
+    choices of :func:`mix_draws` (partners within each of ``shards`` blocks of the batch).
+
+    Targets are mixed linearly. mixup: ``lam * x + (1 - lam) * x[partner]``. cutmix: the box is
+    pasted from ``x[partner]`` and the targets are mixed with the exact pasted area
+    (lam_i = 1 - box_area / (H * W)).
+    """
+    b, h, w, _ = images.shape
+    draws = mix_draws(rng, b, h, w, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, shards=shards)
+    if draws is None:
+        return images, targets
+    lam, partner = draws["lam"], draws["partner"]
+    other_images = _gather_within_blocks(images, partner, shards)
+    other_targets = _gather_within_blocks(targets, partner, shards)
+
+    mixed_images = lam * images + (1.0 - lam) * other_images
+    mixed_targets = lam * targets + (1.0 - lam) * other_targets
+
+    y1, y2, x1, x2 = (draws["box"][:, i] for i in range(4))
     ys = jnp.arange(h)[None, :, None]
     xs = jnp.arange(w)[None, None, :]
     box = (ys >= y1[:, None, None]) & (ys < y2[:, None, None]) & (xs >= x1[:, None, None]) & (xs < x2[:, None, None])
@@ -98,6 +131,7 @@ def mix_batch(images: jax.Array, targets: jax.Array, rng: jax.Array, *, mixup_al
     lam_i = 1.0 - ((x2 - x1) * (y2 - y1)).astype(jnp.float32) / (h * w)
     cut_targets = lam_i[:, None] * targets + (1.0 - lam_i[:, None]) * other_targets
 
+    use_cutmix = draws["use_cutmix"]
     return (jnp.where(use_cutmix, cut_images, mixed_images),
             jnp.where(use_cutmix, cut_targets, mixed_targets))
 
@@ -296,7 +330,7 @@ class ClassificationTask(DatasetTask):
         images = self._augmented_images(batch)
         targets = smooth_labels(batch["label"], self.num_classes, self.config.loss.label_smoothing)
         images, targets = mix_batch(images, targets, rng, mixup_alpha=float(self.config.mix.mixup_alpha),
-                                    cutmix_alpha=float(self.config.mix.cutmix_alpha))
+                                    cutmix_alpha=float(self.config.mix.cutmix_alpha), shards=self.batch_shards)
         return images, {"soft": targets, "label": batch["label"]}
 
     def preprocess_eval(self, batch):

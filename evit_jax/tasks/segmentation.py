@@ -212,7 +212,17 @@ class SegmentationTask(DatasetTask):
         read once from the image headers and kept."""
         if getattr(self, "_eval_bucket_keys", None) is None:
             d = self.config.data
-            sizes = sources.image_sizes(d.name, d.eval_split, self.data_dir, self.info.image_key)
+            if not self.published_facts:
+                sizes = sources.image_sizes(d.name, d.eval_split, self.data_dir, self.info.image_key)
+            elif self.info.eval_image_hw is not None:
+                sizes = np.asarray([self.info.eval_image_hw])
+            else:
+                # Image sizes vary (ADE20K) and are unknown without the data: the nominal square of the
+                # protocol's crop stands for them (the real split compiles one step per input size).
+                crop = int(d.eval_crop_size)
+                logging.warning("%s: eval image sizes vary and the data is not read; compiling the nominal "
+                                "%dx%d eval input only.", d.name, crop, crop)
+                sizes = np.asarray([(crop, crop)])
             self._eval_bucket_keys = eval_buckets(sizes, d.eval_protocol, int(d.eval_crop_size))
         return self._eval_bucket_keys
 

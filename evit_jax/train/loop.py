@@ -21,6 +21,7 @@ checkpoint and runs only that evaluation; the train step is never compiled.
 from __future__ import annotations
 
 import contextlib
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -91,13 +92,15 @@ class Experiment:
     abstract_state: Any  # ShapeDtypeStructs carrying the target shardings
     # Eval executables by Task.eval_batch_key, compiled on first use and kept for later evaluations.
     eval_executables: dict = dataclasses.field(default_factory=dict)
+    # Seconds each compilation took, by its description ("train step 224x224", "eval step 224x224").
+    compile_seconds: dict = dataclasses.field(default_factory=dict)
 
     @property
     def strategy(self) -> str:
         return self.config.sharding.strategy
 
     def local_batch_size(self, global_batch: int) -> int:
-        return global_batch // jax.process_count()
+        return global_batch // mesh_lib.process_count(self.mesh)
 
     # -- state ---------------------------------------------------------------
     def _init_fn(self, key_data):
@@ -192,6 +195,11 @@ class Experiment:
         teacher_weight = self.task.teacher_weight(progress)
 
         def loss_fn(params):
+            if self.strategy == "fsdp":
+                # ZeRO-3: every parameter is gathered whole for the computation (its gradient is then
+                # reduced back onto its shard). Left to choose, XLA may instead move activations
+                # between devices for a kernel sharded on its input (contracted) dimension.
+                params = jax.lax.with_sharding_constraint(params, mesh_lib.replicated_sharding(self.mesh))
             outputs, mutated = self.model.apply(
                 {"params": params, "batch_stats": state.batch_stats, **schedule}, inputs, train=True,
                 mutable=["batch_stats"], rngs={"dropout": dropout_rng})
@@ -247,16 +255,30 @@ class Experiment:
         sharding = mesh_lib.batch_sharding(self.mesh)
         return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in spec.items()}
 
-    def compile_train_steps(self) -> dict:
-        """One AOT-compiled executable per training resolution (state donated)."""
+    @functools.cached_property
+    def _train_jit(self):
         replicated = mesh_lib.replicated_sharding(self.mesh)
-        jitted = jax.jit(self.train_step, in_shardings=(self.state_shardings, mesh_lib.batch_sharding(self.mesh)),
-                         out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
-        executables = {}
-        for res in self.task.train_resolutions():
-            spec = self._batch_abstract(self.task.train_batch_spec(self.config.global_batch_size, res))
-            executables[res] = _compile_logged(jitted, f"train step {res[0]}x{res[1]}", self.abstract_state, spec)
-        return executables
+        return jax.jit(self.train_step, in_shardings=(self.state_shardings, mesh_lib.batch_sharding(self.mesh)),
+                       out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+
+    def _lower_train_step(self, res) -> tuple[str, Any, float]:
+        spec = self._batch_abstract(self.task.train_batch_spec(self.config.global_batch_size, res))
+        t0 = time.perf_counter()
+        lowered = self._train_jit.lower(self.abstract_state, spec)
+        return f"train step {res[0]}x{res[1]}", lowered, time.perf_counter() - t0
+
+    def compile_train_step(self, res) -> Any:
+        """The AOT-compiled train step for batches of resolution ``res`` (state donated)."""
+        return self._compile_logged(*self._lower_train_step(res))
+
+    def compile_train_steps(self) -> dict:
+        """One AOT-compiled executable per training resolution (state donated). The steps are traced
+        one after the other and compiled concurrently (XLA compiles outside the GIL): on a host with
+        cores to spare a multi-resolution recipe starts in about its slowest compile, not the sum."""
+        lowered = [self._lower_train_step(res) for res in self.task.train_resolutions()]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(lowered)) as pool:
+            compiled = list(pool.map(lambda args: self._compile_logged(*args), lowered))
+        return dict(zip(self.task.train_resolutions(), compiled))
 
     @functools.cached_property
     def _eval_jit(self):
@@ -271,8 +293,9 @@ class Experiment:
         if key not in self.eval_executables:
             abstract_vars = {"params": self.abstract_state.params, "batch_stats": self.abstract_state.batch_stats}
             spec = self.task.eval_batch_spec(self.config.eval_batch_size, key)
-            compiled = _compile_logged(self._eval_jit, f"eval step {_describe_key(key)}",
-                                       abstract_vars, self._batch_abstract(spec))
+            t0 = time.perf_counter()
+            lowered = self._eval_jit.lower(abstract_vars, self._batch_abstract(spec))
+            compiled = self._compile_logged(f"eval step {_describe_key(key)}", lowered, time.perf_counter() - t0)
             self.eval_executables[key] = (compiled, spec)
         return self.eval_executables[key]
 
@@ -348,6 +371,21 @@ class Experiment:
         return mesh_lib.global_batch_from_local(
             {k: np.asarray(local[k], dtype) for k, dtype in local_spec.items()}, self.mesh)
 
+    def _compile_logged(self, what: str, lowered, lower_seconds: float):
+        """Compiles a lowered step; records (compile_seconds) and logs the time, tracing included."""
+        t0 = time.perf_counter()
+        compiled = lowered.compile()
+        seconds = self.compile_seconds[what] = lower_seconds + time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            logging.info("Compiled %s in %.1fs; per-device memory: arguments %.1f MiB, outputs %.1f MiB, "
+                         "temporaries %.1f MiB, code %.1f MiB", what, seconds,
+                         mem.argument_size_in_bytes / 2**20, mem.output_size_in_bytes / 2**20,
+                         mem.temp_size_in_bytes / 2**20, mem.generated_code_size_in_bytes / 2**20)
+        else:
+            logging.info("Compiled %s in %.1fs", what, seconds)
+        return compiled
+
 
 def _run_once_compiler_options() -> dict:
     # Code that runs once (initialisers) need not be optimised: on XLA:CPU this cuts the
@@ -362,21 +400,6 @@ def _describe_key(key) -> str:
     if isinstance(key, tuple):
         return "x".join(str(k) for k in key)
     return str(key)
-
-
-def _compile_logged(jitted, what: str, *abstract_args):
-    t0 = time.perf_counter()
-    compiled = jitted.lower(*abstract_args).compile()
-    seconds = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    if mem is not None:
-        logging.info("Compiled %s in %.1fs; per-device memory: arguments %.1f MiB, outputs %.1f MiB, "
-                     "temporaries %.1f MiB, code %.1f MiB", what, seconds,
-                     mem.argument_size_in_bytes / 2**20, mem.output_size_in_bytes / 2**20,
-                     mem.temp_size_in_bytes / 2**20, mem.generated_code_size_in_bytes / 2**20)
-    else:
-        logging.info("Compiled %s in %.1fs", what, seconds)
-    return compiled
 
 
 def _check_config(config) -> None:
@@ -395,10 +418,12 @@ def _check_config(config) -> None:
                                 "checkpoint (.pt/.pth/.safetensors), an Orbax variables directory or hub:NAME.")
 
 
-def setup_experiment(config, devices=None) -> Experiment:
+def setup_experiment(config, devices=None, *, published_facts: bool = False) -> Experiment:
     """Validates the config and derives mesh, optimizer, schedule and abstract sharded state.
 
-    ``devices`` defaults to all devices of all processes. Raises one clear error
+    ``devices`` defaults to all devices of all processes (the abstract devices of a TPU topology
+    plan a run for that slice: `evit_jax.aot`). ``published_facts``: the dataset's facts come from
+    `DatasetTask.use_published_facts` instead of the prepared data. Raises one clear error
     (ValueError/FileNotFoundError) for anything that cannot run.
     """
     # Cheap checks first: the config alone, then against the devices, and only then the dataset
@@ -406,7 +431,13 @@ def setup_experiment(config, devices=None) -> Experiment:
     _check_config(config)
     task = get_task(config)
     task.check_config()
+    if published_facts:
+        if not hasattr(task, "use_published_facts"):
+            raise ValueError(f"the {task.name} task cannot plan a run without its data.")
+        task.use_published_facts()
     mesh = mesh_lib.create_mesh(config.sharding.strategy, config.sharding.fsdp_size, devices)
+    # Device-side code that pairs examples (mixup/cutmix) stays within each device's block of the batch.
+    task.batch_shards = int(mesh.devices.size)
     mesh_lib.check_batch_divisible(config.global_batch_size, mesh, "batch size (global_batch_size)")
     mesh_lib.check_batch_divisible(config.eval_batch_size, mesh, "eval batch size (eval_batch_size)")
     if task.bn_reestimation_batch_size():

@@ -150,6 +150,13 @@ def global_batch_from_local(local: dict[str, np.ndarray], mesh: Mesh) -> dict[st
         return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
 
 
+def process_count(mesh: Mesh) -> int:
+    """The number of processes (hosts) owning the mesh's devices: `jax.process_count()` for a mesh over
+    every device of a run; the slice's host count for the abstract devices of a TPU topology
+    (`evit_jax.aot`), whose `process_index` says which host each chip belongs to."""
+    return len({d.process_index for d in mesh.devices.flat})
+
+
 def check_batch_divisible(global_batch: int, mesh: Mesh, what: str = "batch size") -> None:
     """One clear error when the global batch cannot be split evenly over devices and processes."""
     n = mesh.devices.size
@@ -158,5 +165,6 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, what: str = "batch size
             f"global {what} {global_batch} is not divisible by the {n} devices; "
             f"use a multiple of {n} (e.g. {max(n, global_batch - global_batch % n)})."
         )
-    if global_batch % jax.process_count():
-        raise ValueError(f"global {what} {global_batch} is not divisible by the {jax.process_count()} processes.")
+    hosts = process_count(mesh)
+    if global_batch % hosts:
+        raise ValueError(f"global {what} {global_batch} is not divisible by the {hosts} processes.")
