@@ -36,7 +36,8 @@ def test_imagenet_config_has_every_official_value(model):
     assert list(c.data.image_sizes) == [128, 160, 192, 224] and c.data.eval_image_size == 224
     assert (c.num_epochs, c.warmup_epochs, c.optim.weight_decay, c.optim.grad_clip_value) == (300, 20, 0.1, 2.0)
     assert (c.loss.bce, c.loss.label_smoothing, c.ema.decay) == (True, 0.1, 0.9998)
-    assert (c.reset_bn.num_images, c.reset_bn.global_batch_size) == (16000, 1600)  # 100 per GPU x 16
+    # official 16000 images, 100 per GPU x 16; here batches that divide every power-of-two slice
+    assert (c.reset_bn.num_images, c.reset_bn.global_batch_size) == (16384, 2048)
     assert tuple(c.optim.no_decay_keys) == ("norm", "bias") and c.data.rrc_scale_min == 0.08
 
 

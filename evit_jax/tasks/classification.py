@@ -196,7 +196,8 @@ class ClassificationTask(DatasetTask):
                              "--data_dir D.")
         super().check_data()
         batch = self.bn_reestimation_batch_size()
-        if batch and batch > (train_size := self.num_train_examples()):
+        train_size = self.num_train_examples()
+        if batch and 0 < train_size < batch:  # 0: a size unknown when planning without the data
             raise ValueError(f"config.reset_bn.global_batch_size={batch} exceeds the training split's {train_size} "
                              "images; lower it.")
 
