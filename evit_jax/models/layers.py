@@ -241,100 +241,89 @@ class LinearLayer(nn.Module):
         return act(x) if act is not None else x
 
 
-class DSConv(nn.Module):
+class _ConvBlock(nn.Module):
+    """The fields the official conv blocks share. ``use_bias``, ``norm`` and ``act`` are one value
+    for every conv of the block or a sequence with one value per conv."""
+
+    features: int
+    cfg: LayerConfig
+    stride: int = 1
+    kernel_size: int = 3
+    use_bias: Sequence[bool] | bool = False
+    norm: Sequence[bool] | bool = True
+    act: Sequence[str | None] = ("hswish", None)
+    zero_init_last: bool = False
+
+    def conv_options(self, n: int) -> list[dict]:
+        """The ``use_bias`` / ``norm`` / ``act`` keywords of each of the block's ``n`` convs."""
+        return [dict(use_bias=b, norm=m, act=a)
+                for b, m, a in zip(_triple(self.use_bias, n), _triple(self.norm, n), _triple(self.act, n))]
+
+
+class _ExpandingConvBlock(_ConvBlock):
+    """A conv block whose hidden width is ``mid_channels`` or the input width x ``expand_ratio``."""
+
+    expand_ratio: float = 6
+    mid_channels: int | None = None
+
+    def mid(self, x: jax.Array) -> int:
+        return self.mid_channels or round(x.shape[-1] * self.expand_ratio)
+
+
+class DSConv(_ConvBlock):
     """Depthwise-separable conv: depthwise k x k (carries the stride) -> pointwise 1x1."""
 
-    features: int
-    cfg: LayerConfig
-    stride: int = 1
-    kernel_size: int = 3
-    use_bias: Sequence[bool] | bool = False
-    norm: Sequence[bool] | bool = True
-    act: Sequence[str | None] = ("hswish", None)
-    zero_init_last: bool = False
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        use_bias, norm, act = _triple(self.use_bias, 2), _triple(self.norm, 2), _triple(self.act, 2)
+        depth, point = self.conv_options(2)
         c_in = x.shape[-1]
-        x = ConvLayer(c_in, self.kernel_size, self.cfg, stride=self.stride, groups=c_in, use_bias=use_bias[0],
-                      norm=norm[0], act=act[0], name="depth_conv")(x, train)
-        return ConvLayer(self.features, 1, self.cfg, use_bias=use_bias[1], norm=norm[1], act=act[1],
-                         zero_init_norm=self.zero_init_last, name="point_conv")(x, train)
+        x = ConvLayer(c_in, self.kernel_size, self.cfg, stride=self.stride, groups=c_in, **depth,
+                      name="depth_conv")(x, train)
+        return ConvLayer(self.features, 1, self.cfg, **point, zero_init_norm=self.zero_init_last,
+                         name="point_conv")(x, train)
 
 
-class MBConv(nn.Module):
+class MBConv(_ExpandingConvBlock):
     """Inverted bottleneck: 1x1 expand -> depthwise k x k (carries the stride) -> 1x1 project."""
 
-    features: int
-    cfg: LayerConfig
-    stride: int = 1
-    kernel_size: int = 3
-    expand_ratio: float = 6
-    mid_channels: int | None = None
-    use_bias: Sequence[bool] | bool = False
-    norm: Sequence[bool] | bool = True
     act: Sequence[str | None] = ("hswish", "hswish", None)
-    zero_init_last: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        use_bias, norm, act = _triple(self.use_bias, 3), _triple(self.norm, 3), _triple(self.act, 3)
-        mid = self.mid_channels or round(x.shape[-1] * self.expand_ratio)
-        x = ConvLayer(mid, 1, self.cfg, use_bias=use_bias[0], norm=norm[0], act=act[0], name="inverted_conv")(x, train)
-        x = ConvLayer(mid, self.kernel_size, self.cfg, stride=self.stride, groups=mid, use_bias=use_bias[1],
-                      norm=norm[1], act=act[1], name="depth_conv")(x, train)
-        return ConvLayer(self.features, 1, self.cfg, use_bias=use_bias[2], norm=norm[2], act=act[2],
-                         zero_init_norm=self.zero_init_last, name="point_conv")(x, train)
+        inverted, depth, point = self.conv_options(3)
+        mid = self.mid(x)
+        x = ConvLayer(mid, 1, self.cfg, **inverted, name="inverted_conv")(x, train)
+        x = ConvLayer(mid, self.kernel_size, self.cfg, stride=self.stride, groups=mid, **depth,
+                      name="depth_conv")(x, train)
+        return ConvLayer(self.features, 1, self.cfg, **point, zero_init_norm=self.zero_init_last,
+                         name="point_conv")(x, train)
 
 
-class FusedMBConv(nn.Module):
+class FusedMBConv(_ExpandingConvBlock):
     """Fused inverted bottleneck: full k x k expand conv (carries the stride) -> 1x1 project."""
 
-    features: int
-    cfg: LayerConfig
-    stride: int = 1
-    kernel_size: int = 3
-    expand_ratio: float = 6
-    mid_channels: int | None = None
     groups: int = 1
-    use_bias: Sequence[bool] | bool = False
-    norm: Sequence[bool] | bool = True
-    act: Sequence[str | None] = ("hswish", None)
-    zero_init_last: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        use_bias, norm, act = _triple(self.use_bias, 2), _triple(self.norm, 2), _triple(self.act, 2)
-        mid = self.mid_channels or round(x.shape[-1] * self.expand_ratio)
-        x = ConvLayer(mid, self.kernel_size, self.cfg, stride=self.stride, groups=self.groups, use_bias=use_bias[0],
-                      norm=norm[0], act=act[0], name="spatial_conv")(x, train)
-        return ConvLayer(self.features, 1, self.cfg, use_bias=use_bias[1], norm=norm[1], act=act[1],
-                         zero_init_norm=self.zero_init_last, name="point_conv")(x, train)
+        spatial, point = self.conv_options(2)
+        x = ConvLayer(self.mid(x), self.kernel_size, self.cfg, stride=self.stride, groups=self.groups, **spatial,
+                      name="spatial_conv")(x, train)
+        return ConvLayer(self.features, 1, self.cfg, **point, zero_init_norm=self.zero_init_last,
+                         name="point_conv")(x, train)
 
 
-class ResBlock(nn.Module):
+class ResBlock(_ExpandingConvBlock):
     """Two k x k convs (the first carries the stride)."""
 
-    features: int
-    cfg: LayerConfig
-    stride: int = 1
-    kernel_size: int = 3
     expand_ratio: float = 1
-    mid_channels: int | None = None
-    use_bias: Sequence[bool] | bool = False
-    norm: Sequence[bool] | bool = True
-    act: Sequence[str | None] = ("hswish", None)
-    zero_init_last: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        use_bias, norm, act = _triple(self.use_bias, 2), _triple(self.norm, 2), _triple(self.act, 2)
-        mid = self.mid_channels or round(x.shape[-1] * self.expand_ratio)
-        x = ConvLayer(mid, self.kernel_size, self.cfg, stride=self.stride, use_bias=use_bias[0], norm=norm[0],
-                      act=act[0], name="conv1")(x, train)
-        return ConvLayer(self.features, self.kernel_size, self.cfg, use_bias=use_bias[1], norm=norm[1], act=act[1],
-                         zero_init_norm=self.zero_init_last, name="conv2")(x, train)
+        first, second = self.conv_options(2)
+        x = ConvLayer(self.mid(x), self.kernel_size, self.cfg, stride=self.stride, **first, name="conv1")(x, train)
+        return ConvLayer(self.features, self.kernel_size, self.cfg, **second, zero_init_norm=self.zero_init_last,
+                         name="conv2")(x, train)
 
 
 class DropPath(nn.Module):
