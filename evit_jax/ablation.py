@@ -19,7 +19,6 @@ compilation) and the status. The child's output goes to DIR/<slug>/train.log.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.util
 import json
@@ -31,6 +30,8 @@ import subprocess
 import sys
 import time
 from typing import Any, Sequence
+
+from evit_jax import cli
 
 TABLE_FIELDS = ("variant", "model", "attention", "params_m", "gmacs_224", "gmacs_1024", "top1", "top1_ema",
                 "train_images_per_s", "status")
@@ -164,7 +165,7 @@ def _num_classes(config) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m evit_jax.ablation", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m evit_jax.ablation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="configs/ablate_attention.py[:smoke]")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--variants", default=None, help="comma-separated [model@]attention specs (overrides the config)")
@@ -211,8 +212,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main, "python -m evit_jax.ablation")

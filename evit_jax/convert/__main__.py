@@ -13,11 +13,13 @@ import argparse
 import os
 import sys
 
+from evit_jax import cli
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m evit_jax.convert",
         description="Convert EfficientViT weights between PyTorch checkpoints (official / timm layouts) and "
                     "Orbax directories of Flax variables. See docs/convert.md.")

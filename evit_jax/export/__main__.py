@@ -18,11 +18,13 @@ import os
 import sys
 from typing import Sequence
 
+from evit_jax import cli
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m evit_jax.export", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m evit_jax.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--check", metavar="PATH", default=None, help="reload an exported artifact and compare it with JAX")
     p.add_argument("images", nargs="*", help="with --check: image files to compare on (besides random inputs)")
     p.add_argument("--model", help="model name (evit_jax.models.list_models())")

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from evit_jax import cli
 from evit_jax.models import flops
 from evit_jax.models import create_model, get_model_spec, list_models
 from evit_jax.models.fold import folded_model
@@ -316,7 +317,7 @@ def _gmacs_str(g: float) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m evit_jax.tools.benchmark", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m evit_jax.tools.benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="efficientvit_b1", help="model name (see evit_jax.models.list_models())")
     p.add_argument("--batch", type=int, default=16, help="global batch, split over the local devices")
     p.add_argument("--res", default="224", help="input size: N or HxW (multiples of 32)")

@@ -35,7 +35,6 @@ import csv
 import dataclasses
 import math
 import os
-import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -43,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from evit_jax import cli
 from evit_jax.models import create_model, get_model_spec
 from evit_jax.models.attention import EfficientViTBlock
 from evit_jax.models.attention_kernels import parse_attention, split_attention_specs
@@ -226,7 +226,7 @@ def plot(rows: Sequence[CostRow], path: str, title: str, slopes: dict[str, dict[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m evit_jax.tools.cost_sweep", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m evit_jax.tools.cost_sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--sweep-resolution", default="224,512,1024,2048", help="comma-separated input sizes (px)")
     p.add_argument("--attention", default="relu_linear,softmax",
                    help="comma-separated attention specs, e.g. 'relu_linear,softmax,focused(power=2)'")
@@ -295,8 +295,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main, "python -m evit_jax.tools.cost_sweep")

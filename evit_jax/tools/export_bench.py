@@ -13,7 +13,6 @@ count. Prints the machine and its load: figures from a shared machine are only c
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import tempfile
@@ -25,6 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from evit_jax import cli
 from evit_jax.export import formats  # noqa: E402
 from evit_jax.export.api import export, random_inputs  # noqa: E402
 from evit_jax.export.spec import ExportSpec, parse_size, read_metadata  # noqa: E402
@@ -117,7 +117,7 @@ def bench(models: Sequence[str] = DEFAULT_MODELS, iters: int = 20, warmup: int =
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    p = argparse.ArgumentParser(prog="python -m evit_jax.tools.export_bench", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m evit_jax.tools.export_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated NAME:RES (RES: N or HxW)")
     p.add_argument("--iters", type=int, default=20, help="timed calls per runtime (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first")

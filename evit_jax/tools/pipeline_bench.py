@@ -18,7 +18,6 @@ transforms on one core.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -26,6 +25,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from evit_jax import cli
 from evit_jax.data import pipeline, sources, transforms
 
 JPEG_DATASET = "bench_jpegs"
@@ -358,7 +358,7 @@ def _compare(folder: str, data_dir: str, args, randaugment, erasing) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m evit_jax.tools.pipeline_bench",
+    parser = cli.ArgumentParser(prog="python -m evit_jax.tools.pipeline_bench",
                                      description="Input-pipeline throughput (images/s).")
     parser.add_argument("--dataset", default="evit_shapes")
     parser.add_argument("--data_dir", required=True)

@@ -16,7 +16,6 @@ Prints images/s; nothing is asserted (not a test).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import ctypes
@@ -33,6 +32,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from evit_jax import cli
 from evit_jax import tasks
 from evit_jax.models import get_model_spec
 from evit_jax.tasks.classification import ClassificationTask, smooth_labels
@@ -296,7 +296,7 @@ def _format(name: str, r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="python -m evit_jax.tools.train_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="efficientvit_b1")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--res", type=int, default=224)
