@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from evit_jax import cli
 from evit_jax.data import sources
@@ -79,17 +81,10 @@ def image_folder_main(argv: list[str]) -> int:
     parser.add_argument("--full_check", action="store_true",
                         help="decode every image in the first pass (slower; finds truncated files)")
     args = parser.parse_args(argv)
-    try:
-        builder = image_folder.prepare_image_folder(
-            args.name, args.src, args.data_dir, val_fraction=args.val_fraction, seed=args.seed,
-            full_check=args.full_check, report=lambda line: print(line, file=sys.stderr))
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    sizes = ", ".join(f"{split}={info.num_examples}" for split, info in builder.info.splits.items())
-    classes = builder.info.features["label"].num_classes
-    print(f"{args.name}: {classes} classes, {sizes} in {builder.data_dir}")
-    return 0
+    return _build_and_report(args.name, lambda: image_folder.prepare_image_folder(
+        args.name, args.src, args.data_dir, val_fraction=args.val_fraction, seed=args.seed,
+        full_check=args.full_check, report=lambda line: print(line, file=sys.stderr)),
+        describe=lambda builder: f"{builder.info.features['label'].num_classes} classes, ")
 
 
 def coco_json_main(argv: list[str]) -> int:
@@ -107,15 +102,8 @@ def coco_json_main(argv: list[str]) -> int:
     parser.add_argument("--val_images", default=None, help="folder of the validation images (default: --images)")
     parser.add_argument("--data_dir", required=True, help="tfds data directory to write into")
     args = parser.parse_args(argv)
-    try:
-        builder = coco.prepare_coco_json(args.name, args.data_dir, args.images, args.train_json,
-                                         args.val_json, args.val_images)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    sizes = ", ".join(f"{split}={info.num_examples}" for split, info in builder.info.splits.items())
-    print(f"{args.name}: {sizes} in {builder.data_dir}")
-    return 0
+    return _build_and_report(args.name, lambda: coco.prepare_coco_json(
+        args.name, args.data_dir, args.images, args.train_json, args.val_json, args.val_images))
 
 
 # Subcommands that write a dataset under a name of the user's (their own flags).
@@ -136,13 +124,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data_dir", required=True, help="tfds data directory to write into")
     parser.add_argument("--config", default=None, help="builder config (synthetic datasets: tiny)")
     args = parser.parse_args(argv)
+    return _build_and_report(args.dataset, lambda: prepare(args.dataset, args.data_dir, args.src, args.config))
+
+
+def _build_and_report(name: str, build: Callable[[], Any], describe: Callable[[Any], str] = lambda _: "") -> int:
+    """Runs ``build()`` (which checks its input before writing) and prints ``name: <describe>split
+    sizes in <dir>``, exit code 0; bad input is one line ``error: ...`` on stderr, exit code 2."""
     try:
-        builder = prepare(args.dataset, args.data_dir, args.src, args.config)
+        builder = build()
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     sizes = ", ".join(f"{split}={info.num_examples}" for split, info in builder.info.splits.items())
-    print(f"{args.dataset}: {sizes} in {builder.data_dir}")
+    print(f"{name}: {describe(builder)}{sizes} in {builder.data_dir}")
     return 0
 
 
