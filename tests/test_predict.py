@@ -34,10 +34,14 @@ def seg_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cls_checkpoint(tmp_path_factory):
-    variables = _init("efficientvit_b0")
+def cls_variables():
+    return _init("efficientvit_b0")
+
+
+@pytest.fixture(scope="module")
+def cls_checkpoint(tmp_path_factory, cls_variables):
     path = tmp_path_factory.mktemp("ckpt") / "b0.pt"
-    return write_torch_checkpoint(flax_to_torch(variables, "efficientvit_b0"), path)
+    return write_torch_checkpoint(flax_to_torch(cls_variables, "efficientvit_b0"), path)
 
 
 @pytest.mark.parametrize("short_side", [0, 64])
@@ -63,7 +67,7 @@ def test_classification_prints_top5(odd_image, cls_checkpoint, capsys):
     lines = [l for l in capsys.readouterr().out.splitlines() if "class" in l]
     assert len(lines) == 5
     probs = [float(l.split("p=")[1]) for l in lines]
-    assert probs == sorted(probs, reverse=True) and all(0 <= p <= 1 for p in probs)
+    assert probs == sorted(probs, reverse=True)  # the values: test_classification_top5_equals_timm_...
 
 
 def test_input_size_rules():
@@ -160,3 +164,32 @@ def test_classification_compiles_once():
     assert len(compiled) == 1, compiled
     for p in probs:
         assert p.shape == (4,) and abs(float(p.sum()) - 1) < 1e-5
+
+
+def test_classification_top5_equals_timm_on_the_same_checkpoint(odd_image, cls_checkpoint, cls_variables, capsys,
+                                                               torch):
+    """The printed top-5 (classes and probabilities) equal timm's EfficientViT-B0 holding the same
+    weights (the checkpoint's variables in timm's layout), on torchvision's Resize(ceil(64 / 0.9)) + CenterCrop(64) of the same image (the
+    official evaluation transform). Tolerance: the printed 4 decimals (5e-5) plus 1e-5 of float32."""
+    import math
+
+    import timm
+    from torchvision import transforms as T
+
+    rc = predict.run(["--model", "efficientvit_b0", "--checkpoint", str(cls_checkpoint),
+                      "--image_size", "64", "--crop_ratio", "0.9", str(odd_image)])
+    assert rc == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if "p=" in l]
+    printed = [(int(l.split("class ")[1].split(")")[0].split()[0]), float(l.split("p=")[1])) for l in lines]
+
+    model = timm.create_model("efficientvit_b0", pretrained=False).eval()
+    model.load_state_dict({k: torch.from_numpy(np.array(v))
+                           for k, v in flax_to_torch(cls_variables, "efficientvit_b0", layout="timm").items()})
+    preprocess = T.Compose([T.Resize(math.ceil(64 / 0.9), interpolation=T.InterpolationMode.BICUBIC),
+                            T.CenterCrop(64), T.ToTensor(),
+                            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    with torch.no_grad():
+        probs = torch.softmax(model(preprocess(Image.open(odd_image).convert("RGB"))[None]), -1)[0].numpy()
+    top = np.argsort(-probs)[:5]
+    assert [c for c, _ in printed] == top.tolist()
+    np.testing.assert_allclose([p for _, p in printed], probs[top], atol=5e-5 + 1e-5)
