@@ -24,7 +24,10 @@ def _recipe(*extra):
             "--config.model.drop_path_rate=0.3", "--config.model.drop_path_scheduled=True",
             "--config.mesa.ratio=2.0", "--config.mesa.threshold=0.25",
             "--config.reset_bn.num_images=64", "--config.reset_bn.global_batch_size=16",
-            "--config.per_class_metrics=True", *extra)
+            "--config.per_class_metrics=True",
+            # partners within 4 blocks on every layout (the default, one block per device, mixes 1 device's
+            # run differently from 4 devices')
+            "--config.mix.partner_blocks=4", *extra)
 
 
 def _run(workdir, data_dir, devices=1, **kwargs):

@@ -38,3 +38,24 @@ def test_config_checks_need_no_dataset(tmp_path):
     else:
         raise AssertionError("image size 48 was accepted")
     assert not os.path.exists(tmp_path / "nothing_here")
+
+
+def test_partner_blocks_follow_the_devices_or_the_config():
+    """Mixup/cutmix partners: one block per device by default; a fixed count must be a multiple of the
+    device count that divides the global batch (one line otherwise)."""
+    import jax
+    import pytest
+
+    from configs import demo
+    from evit_jax.train import loop
+    from evit_jax.train import mesh as mesh_lib
+
+    config = demo.get_config("smoke")
+    mesh = mesh_lib.create_mesh("replicated", devices=jax.devices()[:1])
+    assert loop.partner_blocks(config, mesh) == 1
+    config.global_batch_size = 16
+    config.mix.partner_blocks = 4
+    assert loop.partner_blocks(config, mesh) == 4
+    config.mix.partner_blocks = 3
+    with pytest.raises(ValueError, match="mix.partner_blocks=3 must be a multiple of the 1 devices that divides"):
+        loop.partner_blocks(config, mesh)

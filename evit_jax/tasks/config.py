@@ -95,6 +95,9 @@ def _classification(c: ml_collections.ConfigDict) -> None:
     c.mix = ml_collections.ConfigDict()
     c.mix.mixup_alpha = 0.0            # each step applies exactly ONE of mixup / cutmix (equal chance)
     c.mix.cutmix_alpha = 0.0           # alpha <= 0 disables that one; both <= 0 disables mixing
+    c.mix.partner_blocks = 0           # partners drawn within this many equal blocks of the global batch; 0: one
+                                       # block per device (as the official trainer mixes each GPU's batch). Fix it
+                                       # (a multiple of the device count) to train alike on any layout.
 
     # MESA (official L recipe): once the training progress reaches `threshold`, add
     # ratio x loss(outputs, sigmoid(EMA model's outputs on the same mixed batch)).

@@ -404,6 +404,21 @@ def _describe_key(key) -> str:
     return str(key)
 
 
+def partner_blocks(config, mesh) -> int:
+    """The equal blocks of the global batch within which device-side code pairs examples (mixup /
+    cutmix partners), so that no pair crosses a device: one per device, or ``mix.partner_blocks``
+    when set (a multiple of the device count that divides the global batch; the same draws on any
+    layout). One ValueError otherwise."""
+    devices = int(mesh.devices.size)
+    blocks = int(config.mix.partner_blocks) if "mix" in config else 0
+    if not blocks:
+        return devices
+    if blocks < 0 or blocks % devices or config.global_batch_size % blocks:
+        raise ValueError(f"mix.partner_blocks={blocks} must be a multiple of the {devices} devices that divides "
+                         f"global_batch_size={config.global_batch_size}; set it so, or 0 (one block per device).")
+    return blocks
+
+
 def _check_config(config) -> None:
     if config.mode not in ("train", "eval"):
         raise ValueError(f"config.mode={config.mode!r} is unknown; use 'train' or 'eval'.")
@@ -438,8 +453,7 @@ def setup_experiment(config, devices=None, *, published_facts: bool = False) -> 
             raise ValueError(f"the {task.name} task cannot plan a run without its data.")
         task.use_published_facts()
     mesh = mesh_lib.create_mesh(config.sharding.strategy, config.sharding.fsdp_size, devices)
-    # Device-side code that pairs examples (mixup/cutmix) stays within each device's block of the batch.
-    task.batch_shards = int(mesh.devices.size)
+    task.batch_shards = partner_blocks(config, mesh)
     mesh_lib.check_batch_divisible(config.global_batch_size, mesh, "batch size (global_batch_size)")
     mesh_lib.check_batch_divisible(config.eval_batch_size, mesh, "eval batch size (eval_batch_size)")
     if task.bn_reestimation_batch_size():
