@@ -8,9 +8,9 @@
 
 --checkpoint is an official/timm PyTorch file (.pt/.pth/.safetensors), a directory written by
 ``evit_jax.convert.save_variables``, a training workdir of ``evit_jax.main`` (its latest
-checkpoint; ``--ema`` takes the EMA weights), or ``hub:NAME``: published weights by name
-(``evit_jax.convert.hub``), downloaded and converted once; --model is then optional and the
-weights' own input size, crop ratio and numerics are the defaults.
+checkpoint; ``--ema`` takes the EMA weights; --model is optional: the workdir's), or ``hub:NAME``:
+published weights by name (``evit_jax.convert.hub``), downloaded and converted once; --model is
+then optional and the weights' own input size, crop ratio and numerics are the defaults.
 
 Segmentation models write a class-colour mask (``--out``, default ``<image>_mask.png``) and an
 overlay on the image (``<out>_overlay.png``), both at the input's size, and print the share of
@@ -98,6 +98,15 @@ def _workdir_variables(workdir: Path, model_name: str, use_ema: bool) -> tuple[d
     prefix = "ema_" if use_ema else ""
     variables = {"params": state[f"{prefix}params"], "batch_stats": state.get(f"{prefix}batch_stats", {})}
     return variables, info.get("config", {})
+
+
+def _workdir_model(checkpoint: str) -> str | None:
+    """The model a training workdir of evit_jax.main was trained with (its run_info.json), else None."""
+    from evit_jax.train import checkpoint as ckpt_lib
+
+    path = Path(checkpoint).expanduser()
+    info = ckpt_lib.read_run_info(str(path)) if path.is_dir() else None
+    return info.get("model") if info else None
 
 
 def load_weights(checkpoint: str, model_name: str, use_ema: bool) -> tuple[dict, dict]:
@@ -225,7 +234,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evit_jax.predict", description=__doc__.split("\n")[0])
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--model", default=None,
-                        help="model name (evit_jax.models.list_models()); optional with --checkpoint hub:NAME")
+                        help="model name (evit_jax.models.list_models()); optional with --checkpoint hub:NAME or a workdir")
     parser.add_argument("--checkpoint", required=True,
                         help=".pt/.pth/.safetensors, converted dir, workdir, or hub:NAME (published weights)")
     parser.add_argument("--out", default=None, help="segmentation: mask path (one image only)")
@@ -248,9 +257,10 @@ def _run(args) -> int:
     from evit_jax.models import create_model, get_model_spec
 
     published = find_weights(args.checkpoint) if is_hub_spec(args.checkpoint) else None  # ValueError: one line
-    if args.model is None and published is None:
-        raise PredictError("--model is required unless --checkpoint is hub:NAME.")
-    spec = get_model_spec(args.model or published.model)  # ValueError with close matches
+    trained = _workdir_model(args.checkpoint) if published is None else None
+    if args.model is None and published is None and trained is None:
+        raise PredictError("--model is required unless --checkpoint is hub:NAME or a training workdir.")
+    spec = get_model_spec(args.model or (published.model if published is not None else trained))  # close matches
     if published is not None and spec.name != published.model:
         raise PredictError(f"--checkpoint {args.checkpoint} holds {published.model} weights, not {spec.name}; "
                            f"drop --model or pass --model {published.model}.")

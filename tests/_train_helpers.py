@@ -5,7 +5,10 @@ The tiny model is reachable under the name ``tiny_test_cnn`` once :func:`registe
 has run (tests/_train_main.py does it in subprocesses). Its classifier lives at
 ``head/op_list_3/linear`` like EfficientViT's ClsHead, and it has BatchNorm ("norm") and
 dropout, so every code path of the loop (batch stats, EMA, weight-decay mask, dropout rng)
-is exercised.
+is exercised. ``tiny_test_evit`` (registered with it) is built from EfficientViT's own layers
+(`evit_jax.models.layers`: ConvLayer with its BatchNorm, a residual block with DropPath at the
+config's drop_path_rate), for the parts of the recipe that live in those layers (scheduled drop
+path, BatchNorm re-estimation).
 """
 
 from __future__ import annotations
@@ -58,13 +61,54 @@ def _tiny_module():
     return TinyClassifier
 
 
+def _tiny_evit_module():
+    import dataclasses
+
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from evit_jax.models import layers
+
+    class _Head(nn.Module):
+        num_classes: int
+        cfg: layers.LayerConfig
+
+        @nn.compact
+        def __call__(self, x, train):
+            return layers.LinearLayer(self.num_classes, self.cfg, name="op_list_3")(x, train)
+
+    class TinyEvit(nn.Module):
+        """stem ConvLayer (BN, relu) -> x + DropPath(ConvLayer(BN)) -> mean -> linear."""
+        num_classes: int
+        cfg: layers.LayerConfig
+        drop_path_rate: float = 0.0
+
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            cfg = self.cfg
+            x = layers.ConvLayer(8, 3, cfg, stride=2, act="relu", name="stem")(x, train)
+            x = layers.make_residual(layers.ConvLayer, True, self.drop_path_rate, name="res", features=8,
+                                     kernel_size=3, cfg=cfg)(x, train)
+            x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+            return _Head(self.num_classes, cfg, name="head")(x, train).astype(jnp.float32)
+
+    def build(options):
+        return TinyEvit(options.classes(), dataclasses.replace(options.cfg, conv_impl="lax"), options.drop_path_rate)
+
+    return build
+
+
+TINY_EVIT = "tiny_test_evit"
+
+
 def register_tiny_model() -> None:
-    """Adds model ``tiny_test_cnn`` to the zoo (a 10-class classifier by default)."""
+    """Adds the models ``tiny_test_cnn`` and ``tiny_test_evit`` to the zoo (10-class classifiers by default)."""
     from evit_jax.models import ModelSpec, register_model
 
     tiny_cls = _tiny_module()
     register_model(ModelSpec(TINY, "classification", "tiny", 10),
                    lambda options: tiny_cls(num_classes=options.classes(), dtype=options.cfg.dtype))
+    register_model(ModelSpec(TINY_EVIT, "classification", "tiny", 10), _tiny_evit_module())
 
 
 def example_records(outputs, targets, batch) -> dict:
@@ -106,21 +150,41 @@ def env_for(devices: int = 1, **extra: str) -> dict:
 
 
 def main_command(workdir: str, data_dir: str, *overrides: str, config: str = "configs/demo.py:smoke",
-                 tiny: bool = True) -> list[str]:
+                 tiny: bool | str = True) -> list[str]:
+    """``tiny``: True (``tiny_test_cnn``), a registered test model's name, or False (the config's model,
+    through ``evit_jax.main`` itself)."""
     module = "tests._train_main" if tiny else "evit_jax.main"
     args = [sys.executable, "-m", module, f"--config={config}", f"--workdir={workdir}",
             f"--config.data.data_dir={data_dir}"]
     if tiny:
-        args.append(f"--config.model.name={TINY}")
+        args.append(f"--config.model.name={TINY if tiny is True else tiny}")
     return args + list(overrides)
 
 
-def run_main(workdir: str, data_dir: str, *overrides: str, devices: int = 1, tiny: bool = True,
+def run_main(workdir: str, data_dir: str, *overrides: str, devices: int = 1, tiny: bool | str = True,
              config: str = "configs/demo.py:smoke", timeout: float = 300,
              extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(main_command(workdir, data_dir, *overrides, config=config, tiny=tiny),
                           cwd=REPO, env=env_for(devices, **(extra_env or {})), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_local_processes(workdir: str, data_dir: str, log_dir: str, *overrides: str, processes: int = 2,
+                        devices_per_process: int = 2, tiny: bool | str = True,
+                        timeout: float = 600) -> tuple[subprocess.CompletedProcess, str]:
+    """``launch/local.sh`` running the training command on ``processes`` local processes with
+    ``devices_per_process`` CPU devices each; (completed launcher, its stderr tail + every
+    process's log tail, for assertion messages)."""
+    # PYTHON: the launcher runs this interpreter, also when its venv is not activated.
+    env = env_for(1, DEVICES_PER_PROCESS=str(devices_per_process), EVIT_MAIN="tests._train_main", LOG_DIR=log_dir,
+                  PYTHON=sys.executable)
+    env.pop("XLA_FLAGS")
+    cmd = [os.path.join(REPO, "launch", "local.sh"), str(processes),
+           *main_command(workdir, data_dir, *overrides, tiny=tiny)[3:]]  # drop "python -m tests._train_main"
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    logs = proc.stderr[-3000:] + ("".join(open(os.path.join(log_dir, f)).read()[-2000:]
+                                          for f in sorted(os.listdir(log_dir))) if os.path.isdir(log_dir) else "")
+    return proc, logs
 
 
 def final_line(result: subprocess.CompletedProcess) -> str:

@@ -2,10 +2,6 @@
 like 1 process x 4 devices on the same global batch; a checkpoint written on 8 devices
 restores (and continues) on 2."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -27,15 +23,7 @@ def test_two_processes_match_one_process(tmp_path, data_dir):
     assert result.returncode == 0, result.stderr[-3000:]
 
     multi = str(tmp_path / "multi")
-    # PYTHON: the launcher runs this interpreter, also when its venv is not activated.
-    env = h.env_for(1, DEVICES_PER_PROCESS="2", EVIT_MAIN="tests._train_main", LOG_DIR=str(tmp_path / "logs"),
-                    PYTHON=sys.executable)
-    env.pop("XLA_FLAGS")
-    cmd = [os.path.join(h.REPO, "launch", "local.sh"), "2",
-           *h.main_command(multi, data_dir, *_common())[3:]]  # drop "python -m tests._train_main"
-    proc = subprocess.run(cmd, cwd=h.REPO, env=env, capture_output=True, text=True, timeout=600)
-    logs = proc.stderr[-3000:] + "".join(open(os.path.join(tmp_path, "logs", f)).read()[-2000:]
-                                         for f in os.listdir(tmp_path / "logs"))
+    proc, logs = h.run_local_processes(multi, data_dir, str(tmp_path / "logs"), *_common())
     assert proc.returncode == 0, logs
     assert "JAX process 0/2, 2 local / 4 global devices" in proc.stderr, logs
 

@@ -19,7 +19,11 @@ from evit_jax.models.layers import ConvLayer, DSConv, FusedMBConv, LayerConfig, 
 
 def linear_drop_path_rates(num_blocks: int, rate: float, skip: int = 0) -> tuple[float, ...]:
     """Official `apply_droppath`: the first `skip` identity-residual blocks are never dropped, the rest get
-    rate * (i + 1) / n, linearly increasing with depth."""
+    rate * (i + 1) / n, linearly increasing with depth.
+
+    The official training script applies it to `backbone.stages` only: the identity-residual blocks of
+    every stage in depth order (the L series' stage 0 included), not the B series' `input_stem`, nor the
+    head. `num_identity_blocks` of the backbones counts exactly those blocks."""
     n = num_blocks - skip
     return (0.0,) * min(skip, num_blocks) + tuple(rate * (i + 1) / n for i in range(max(n, 0)))
 
@@ -63,7 +67,8 @@ class EfficientViTBackbone(nn.Module):
 
     @staticmethod
     def num_identity_blocks(depths: Sequence[int]) -> int:
-        return depths[0] + (depths[1] - 1) + (depths[2] - 1) + 2 * depths[3] + 2 * depths[4]
+        """Identity-residual blocks of `stages` (stochastic depth applies to them; not to the input stem)."""
+        return (depths[1] - 1) + (depths[2] - 1) + 2 * depths[3] + 2 * depths[4]
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -71,9 +76,9 @@ class EfficientViTBackbone(nn.Module):
         features = {}
 
         x = ConvLayer(self.widths[0], 3, cfg, stride=2, act=act, name="input_stem_op_list_0")(x, train)
-        for i in range(self.depths[0]):
+        for i in range(self.depths[0]):  # the input stem is not in `stages`: never dropped
             block, kw = _local_block("ds", False, act)
-            x = make_residual(block, True, rates.next(), name=f"input_stem_op_list_{i + 1}",
+            x = make_residual(block, True, 0.0, name=f"input_stem_op_list_{i + 1}",
                               features=self.widths[0], cfg=cfg, **kw)(x, train)
         features["stage0"] = x
 
@@ -121,6 +126,7 @@ class EfficientViTLargeBackbone(nn.Module):
 
     @staticmethod
     def num_identity_blocks(depths: Sequence[int], block_list: Sequence[str] = ("res", "fmb", "fmb", "mb", "att")) -> int:
+        """Identity-residual blocks of `stages` (all of them; stage 0 is the L series' stem)."""
         return sum(d * (2 if kind.startswith("att") else 1) for d, kind in zip(depths, block_list))
 
     @nn.compact

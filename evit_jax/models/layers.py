@@ -19,8 +19,32 @@ from evit_jax.models import ops
 
 Dtype = Any
 
-# The official training code initialises every conv/linear weight with trunc_normal(std=0.02).
-kernel_init = nn.initializers.truncated_normal(stddev=0.02)
+# The official training script (`--rand_init trunc_normal@0.02`, apps/utils/init.py `init_modules`) draws every
+# conv/linear weight with torch's `trunc_normal_(std=0.02)`, whose bounds a=-2, b=2 are ABSOLUTE values, i.e.
+# +-100 standard deviations: N(0, 0.02^2) in effect. (Flax's default bounds are +-2 standard deviations, which
+# would shrink the std to 0.88 x 0.02 and cut the tails.) Biases start at zero, norm scales at one.
+INIT_STD = 0.02
+kernel_init = nn.initializers.truncated_normal(stddev=INIT_STD, lower=-2.0 / INIT_STD, upper=2.0 / INIT_STD)
+
+# Scheduled stochastic depth (official `DropPathResidualBlock`, `scheduled=True`): the drop probability of
+# every DropPath is its rate x the training progress in [0, 1]. A train step passes the progress as the
+# variable collection `schedule_variables(progress)` beside params/batch_stats in `model.apply`; any model
+# built from DropPath takes it, with no change to its `__call__`. Without it, rates apply unscaled; with
+# train=False it is ignored.
+SCHEDULE_COLLECTION = "schedule"
+PROGRESS = "progress"
+
+# BatchNorm re-estimation (official `reset_bn`): `model.apply(variables, x, train=False,
+# mutable=[BN_MOMENTS_COLLECTION])` runs every BatchNorm on the statistics of the batch it sees (as in
+# training; over the global batch under jit) with everything else in eval mode, and records each
+# BatchNorm's batch mean and biased variance under its path in this collection.
+BN_MOMENTS_COLLECTION = "bn_moments"
+
+
+def schedule_variables(progress) -> dict:
+    """The variable collection that scales every DropPath's rate by the training ``progress`` (a scalar,
+    traced or not; clipped to [0, 1]): add it to the variables of a training ``model.apply``."""
+    return {SCHEDULE_COLLECTION: {PROGRESS: jnp.asarray(progress, jnp.float32)}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +78,9 @@ class BatchNorm(nn.Module):
 
     Batch statistics are taken over every axis but the last; under `jax.jit` with a sharded batch the
     mean is global (synchronised BN). Running variance uses the unbiased estimate, like PyTorch, and
-    `num_batches_tracked` is kept so that PyTorch checkpoints round-trip exactly.
+    `num_batches_tracked` is kept so that PyTorch checkpoints round-trip exactly. With train=False and
+    the `BN_MOMENTS_COLLECTION` mutable (BN re-estimation), it normalises with the batch's statistics
+    and records them (mean, biased variance) instead of using the running ones.
     """
 
     cfg: LayerConfig
@@ -72,12 +98,16 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
         tracked = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
 
-        if train:
+        reestimating = not train and not self.is_initializing() and self.is_mutable_collection(BN_MOMENTS_COLLECTION)
+        if train or reestimating:
             xf = x.astype(jnp.float32)
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(xf, axes)
             var = jnp.mean(jnp.square(xf - mean), axes)
-            if not self.is_initializing():
+            if reestimating:
+                self.put_variable(BN_MOMENTS_COLLECTION, "mean", mean)
+                self.put_variable(BN_MOMENTS_COLLECTION, "var", var)
+            elif not self.is_initializing():
                 n = x.size // features
                 m = self.cfg.bn_momentum
                 unbiased = var * (n / max(n - 1, 1))
@@ -308,7 +338,11 @@ class ResBlock(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth on the residual branch (per-sample), using the "dropout" RNG stream."""
+    """Stochastic depth on the residual branch (per-sample), using the "dropout" RNG stream.
+
+    Each sample's branch is dropped with probability ``rate`` (x ``progress`` when the apply's variables
+    carry :func:`schedule_variables`) and the kept ones are scaled by 1 / keep probability.
+    """
 
     rate: float
 
@@ -316,9 +350,16 @@ class DropPath(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if not train or self.rate == 0.0:
             return x
-        keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+        # The progress is one scalar for the whole model: it lives at the root of its collection.
+        progress = self.scope.root.get_variable(SCHEDULE_COLLECTION, PROGRESS)
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        if progress is None:
+            keep = 1.0 - self.rate
+            mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+            return jnp.where(mask, x / keep, jnp.zeros_like(x))
+        keep = 1.0 - self.rate * jnp.clip(jnp.asarray(progress, jnp.float32), 0.0, 1.0)
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+        return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
 
 
 class Residual(nn.Module):

@@ -96,7 +96,7 @@ class EfficientViTV1Backbone(nn.Module):
     quadratic_fallback: bool = True
     drop_path_rates: Sequence[float] = ()
 
-    # Same stage layout as the released B backbone: the same identity-residual count.
+    # Same stage layout as the released B backbone: the same identity-residual blocks in `stages`.
     num_identity_blocks = staticmethod(EfficientViTBackbone.num_identity_blocks)
 
     @nn.compact
@@ -105,8 +105,8 @@ class EfficientViTV1Backbone(nn.Module):
         rates = iter(tuple(self.drop_path_rates) + (0.0,) * self.num_identity_blocks(self.depths))
         features = {}
         x = ConvLayer(self.widths[0], 3, cfg, stride=2, act=act, name="input_stem_op_list_0")(x, train)
-        for i in range(self.depths[0]):  # the stem keeps k = 3 (open choice 2)
-            x = make_residual(DSConv, True, next(rates), name=f"input_stem_op_list_{i + 1}",
+        for i in range(self.depths[0]):  # the stem keeps k = 3 (open choice 2); never dropped (not in `stages`)
+            x = make_residual(DSConv, True, 0.0, name=f"input_stem_op_list_{i + 1}",
                               features=self.widths[0], cfg=cfg, act=(act, None))(x, train)
         features["stage0"] = x
 

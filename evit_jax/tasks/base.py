@@ -60,6 +60,15 @@ be pure jnp code, with no Python control flow on values):
   order is the split's order for one-shape eval iterators (``pipeline.make_eval_iterator``);
   bucketed iterators order by bucket, so a task that matches records to examples records an id
   taken from the batch. Default: no records (nothing is fetched per batch).
+* :meth:`Task.teacher_weight` / :meth:`Task.teacher_loss` (optional) - a loss term computed from the
+  EMA model's outputs (self-distillation; MESA in the ImageNet recipe): at training progress ``p``
+  (:meth:`Experiment.training_progress`, a traced scalar), the loop runs the EMA weights in eval mode on
+  the step's inputs, without gradient and only while ``teacher_weight(p) > 0``, and adds
+  ``teacher_weight(p) * teacher_loss(outputs, teacher_outputs)`` to the loss. Default: no teacher.
+* BatchNorm re-estimation before evaluation (optional; official ``reset_bn``):
+  :meth:`Task.bn_reestimation_batch_size` > 0 makes the loop recompute the evaluated weights' BN
+  statistics from :meth:`Task.bn_reestimation_iterator` (inputs from
+  :meth:`Task.preprocess_bn_reestimation`) before every evaluation. Default: off.
 
 Model contract: ``outputs = model.apply(variables, inputs, train=..., ...)`` is whatever the
 task's model returns (logits for classification, stride-8 logits for segmentation).
@@ -168,13 +177,32 @@ class Task(abc.ABC):
         num_classes = getattr(self, "num_classes", None)
         try:
             return load_variables(path, self.model_name, use_ema=use_ema, num_classes=num_classes)
-        except ValueError as with_classes:
+        except ValueError:
             if not self.config.reinit_classifier:
                 raise
-            try:
-                return load_variables(path, self.model_name, use_ema=use_ema)  # the checkpoint's own head
-            except ValueError as e:
-                raise ValueError(f"{e} (with {num_classes} classes: {with_classes})") from None
+        # The checkpoint with its own classifier (any width); a body that does not fit is the error.
+        own = self._stored_num_classes(path, use_ema)
+        try:
+            return load_variables(path, self.model_name, use_ema=use_ema, num_classes=own)
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+
+    def _stored_num_classes(self, path: str, use_ema: bool) -> int | None:
+        """The classifier width of a PyTorch checkpoint file of this model (None: a converted directory,
+        which records it, or no classifier found: the model's default)."""
+        from evit_jax.convert import detect_layout, extract_state_dict, key_table, read_checkpoint
+
+        if os.path.isdir(path):
+            return None
+        try:
+            state_dict = extract_state_dict(read_checkpoint(path), use_ema)
+        except ValueError:
+            return None
+        for entry in key_table(self.model_name, detect_layout(state_dict, self.model_name)):
+            classifier = entry.flax_path[0] == "params" and self.is_classifier_param("/".join(entry.flax_path[1:]))
+            if classifier and entry.flax_path[-1] == "bias" and entry.torch_key in state_dict:
+                return int(np.shape(state_dict[entry.torch_key])[0])
+        return None
 
     def keeps_fresh_init(self, path: str) -> bool:
         """True for variables that ``init_from`` weights may lack and that keep their fresh
@@ -210,6 +238,37 @@ class Task(abc.ABC):
         (padding included: the loop drops it), for :meth:`finalize_eval`; runs inside jit.
         Default None: the task's evaluation is a sum of :meth:`eval_statistics`."""
         return None
+
+    # ------------------------------------------------------------------ optional hooks
+    def teacher_weight(self, progress: jax.Array) -> jax.Array | None:
+        """Device side: the weight of the EMA-teacher loss term at training ``progress`` (a traced
+        float32 scalar in [0, 1]); the loop runs the teacher only while it is > 0. Default None:
+        the task has no teacher term (the loop never runs the EMA model in a train step)."""
+        return None
+
+    def teacher_loss(self, outputs: Any, teacher_outputs: Any) -> jax.Array:
+        """Device side: the scalar teacher term from the student's ``outputs`` and the EMA model's
+        (eval mode, no gradient) ``teacher_outputs`` on the same inputs; needed when
+        :meth:`teacher_weight` is not None."""
+        raise NotImplementedError(f"{type(self).__name__} declares a teacher weight but no teacher_loss.")
+
+    def bn_reestimation_batch_size(self) -> int:
+        """Global batch size of the BatchNorm re-estimation pass before every evaluation; 0 (default):
+        no re-estimation. Must divide by the devices and processes (checked with the other batches)."""
+        return 0
+
+    def bn_reestimation_iterator(self, local_batch_size: int) -> Iterable[dict[str, np.ndarray]]:
+        """This process's batches of the re-estimation pass: finite, the same images and augmentations
+        at every call (deterministic for the run's seed), the same number and shapes on every process."""
+        raise NotImplementedError(f"{type(self).__name__} re-estimates BatchNorm but has no images for it.")
+
+    def bn_reestimation_batch_spec(self, global_batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Global shapes/dtypes of a re-estimation batch."""
+        raise NotImplementedError
+
+    def preprocess_bn_reestimation(self, batch: Batch) -> Any:
+        """Device side: the model inputs of a re-estimation batch (deterministic)."""
+        raise NotImplementedError
 
 
 class DatasetTask(Task):

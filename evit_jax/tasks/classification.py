@@ -6,11 +6,19 @@ for evaluation), images stay uint8.
 Device side: normalisation, random erasing of the host's boxes, label smoothing, mixup/cutmix
 (exactly one per step, chosen with equal probability, lambda ~ Beta(alpha, alpha) shared by
 the batch as in the official recipe), BCE-with-logits (official ``bce: true``) or softmax
-cross-entropy, and exact top-1/top-5 counts for evaluation.
+cross-entropy, and exact top-1/top-5 counts for evaluation (optionally per class).
+
+Optional parts of the official recipe (all off by default, see evit_jax/tasks/config.py):
+MESA, a teacher term ratio x loss(outputs, sigmoid(EMA outputs)) once the training progress
+reaches a threshold (:meth:`ClassificationTask.teacher_weight`); BatchNorm re-estimation before
+evaluation from a fixed subset of the train split, through the train transform at the eval size
+(:meth:`ClassificationTask.bn_reestimation_iterator`).
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 from typing import Mapping
 
 import jax
@@ -20,7 +28,11 @@ import optax
 
 from evit_jax.data import pipeline, random_erasing, sources, transforms
 from evit_jax.data.transforms import normalize_images
+from evit_jax.models import get_model_spec
 from evit_jax.tasks.base import DatasetTask
+
+# Tag of the random stream that picks and augments the BN re-estimation images (distinct from training's).
+_BN_REESTIMATION_STREAM = 3
 
 
 def erase_boxes(images: jax.Array, boxes: jax.Array) -> jax.Array:
@@ -123,6 +135,36 @@ class ClassificationTask(DatasetTask):
                              "magnitude m in [0, 10]), e.g. (2, 5).")
         if not 0.0 <= float(d.erasing_prob) <= 1.0:
             raise ValueError(f"config.data.erasing_prob={d.erasing_prob} must lie in [0, 1].")
+        c = self.config
+        if float(c.mesa.ratio) < 0 or not 0.0 <= float(c.mesa.threshold) <= 1.0:
+            raise ValueError(f"config.mesa.ratio={c.mesa.ratio} must be >= 0 (0: off) and config.mesa.threshold="
+                             f"{c.mesa.threshold} in [0, 1].")
+        if int(c.reset_bn.num_images) < 0 or (c.reset_bn.num_images and int(c.reset_bn.global_batch_size) <= 0):
+            raise ValueError(f"config.reset_bn.num_images={c.reset_bn.num_images} must be >= 0 (0: off) and "
+                             f"config.reset_bn.global_batch_size={c.reset_bn.global_batch_size} positive.")
+        self._check_hub_init_from()
+
+    def _check_hub_init_from(self) -> None:
+        """init_from=hub:NAME must hold weights of this model (a table look-up, before any download)."""
+        from evit_jax.convert import hub  # tasks may import convert (layering)
+
+        if self.config.init_from and hub.is_hub_spec(self.config.init_from):
+            weights = hub.find_weights(self.config.init_from)
+            if get_model_spec(weights.model).name != self.model_name:
+                raise ValueError(f"init_from={self.config.init_from} holds {weights.model} weights but the config "
+                                 f"trains {self.model_name}; pass --config.model.name={weights.model} or "
+                                 f"--config.init_from=hub:{self.model_name}.")
+
+    def check_data(self) -> None:
+        if not self.config.data.name:  # configs/finetune.py leaves it to the command line
+            raise ValueError("config.data.name is empty: name the dataset to train on, --config.data.name=NAME of a "
+                             "dataset prepared by python -m evit_jax.data.prepare image_folder --name NAME --src DIR "
+                             "--data_dir D.")
+        super().check_data()
+        batch = self.bn_reestimation_batch_size()
+        if batch and batch > (train_size := self.num_train_examples()):
+            raise ValueError(f"config.reset_bn.global_batch_size={batch} exceeds the training split's {train_size} "
+                             "images; lower it.")
 
     def train_resolutions(self):
         return [(int(s), int(s)) for s in self.config.data.image_sizes]
@@ -131,17 +173,53 @@ class ClassificationTask(DatasetTask):
         s = int(self.config.data.eval_image_size)
         return [(s, s)]
 
-    def train_iterator(self, seed: int, local_batch_size: int):
+    def _train_transform(self) -> transforms.ClassificationTrainTransform:
         d = self.config.data
-        source = sources.get_source(d.name, d.train_split, self.data_dir)
-        transform = transforms.ClassificationTrainTransform(
+        return transforms.ClassificationTrainTransform(
             scale=(float(d.rrc_scale_min), 1.0), flip_probability=0.5 if d.hflip else 0.0,
             randaugment=tuple(int(v) for v in d.randaugment) or None, erasing_prob=float(d.erasing_prob),
             image_key=self.info.image_key, label_key=self.info.label_key)
+
+    def train_iterator(self, seed: int, local_batch_size: int):
+        d = self.config.data
+        source = sources.get_source(d.name, d.train_split, self.data_dir)
         return pipeline.make_train_iterator(
-            source, transform, global_batch_size=local_batch_size * jax.process_count(),
+            source, self._train_transform(), global_batch_size=local_batch_size * jax.process_count(),
             image_sizes=list(d.image_sizes), seed=seed, process_index=jax.process_index(),
             process_count=jax.process_count(), worker_count=d.num_workers)
+
+    # -- BatchNorm re-estimation (official reset_bn) ------------------------------
+    def bn_reestimation_batch_size(self) -> int:
+        return int(self.config.reset_bn.global_batch_size) if int(self.config.reset_bn.num_images) > 0 else 0
+
+    def bn_reestimation_images(self, train_size: int) -> np.ndarray:
+        """Indices (sorted) of the train-split images of the re-estimation pass: reset_bn.num_images
+        of them (at most the split, rounded down to whole global batches), drawn once from the
+        run's seed (the official pass uses a fixed random subset too)."""
+        batch = self.bn_reestimation_batch_size()
+        count = min(int(self.config.reset_bn.num_images), train_size) // batch * batch
+        rng = np.random.default_rng([int(self.config.seed), _BN_REESTIMATION_STREAM])
+        return np.sort(rng.permutation(train_size)[:count])
+
+    def bn_reestimation_iterator(self, local_batch_size: int):
+        """The official reset_bn images: a fixed subset of the train split through the TRAIN transform
+        (RandomResizedCrop, flip, RandAugment, erasing boxes) at the eval resolution, no mixing. The
+        images, their order and their augmentations are the same at every call (the official code
+        draws them once and keeps them for the whole run)."""
+        d = self.config.data
+        source = sources.get_source(d.name, d.train_split, self.data_dir)
+        indices = self.bn_reestimation_images(len(source))
+        global_batch = local_batch_size * jax.process_count()
+        seed = int(np.random.SeedSequence([int(self.config.seed), _BN_REESTIMATION_STREAM]).generate_state(1)[0])
+        iterator = pipeline.make_train_iterator(
+            _Subset(source, tuple(int(i) for i in indices)), self._train_transform(), global_batch_size=global_batch,
+            image_sizes=[int(d.eval_image_size)], seed=seed, process_index=jax.process_index(),
+            process_count=jax.process_count(), worker_count=d.num_workers)
+        return itertools.islice(iterator, len(indices) // global_batch)  # one epoch of the subset
+
+    def bn_reestimation_batch_spec(self, global_batch_size: int):
+        s = int(self.config.data.eval_image_size)
+        return self.train_batch_spec(global_batch_size, (s, s))
 
     def eval_iterator(self, local_batch_size: int):
         d = self.config.data
@@ -172,21 +250,50 @@ class ClassificationTask(DatasetTask):
         # The final LinearLayer of ClsHead (official `head.op_list.3.linear`).
         return path.startswith("head/op_list_3/")
 
+    def class_names(self) -> list[str]:
+        """The dataset's class names as the per-class metrics name them: ImageNet synset ids made
+        readable, a name two classes share followed by the class index ("crane (134)"), "class_<i>"
+        when the dataset names none."""
+        from evit_jax.data import imagenet_classes
+
+        names = self.info.class_names
+        if names is None or len(names) != self.num_classes:
+            return [f"class_{i}" for i in range(self.num_classes)]
+        names = imagenet_classes.readable_class_names(names)
+        counts = collections.Counter(names)
+        return [f"{name} ({i})" if counts[name] > 1 else name for i, name in enumerate(names)]
+
     def finalize_eval(self, sums: Mapping[str, np.ndarray],
                       records: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
-        """Top-1/top-5 accuracy (%), mean loss and example count from the summed counts; the
-        task has no per-example records (``records`` is ignored)."""
+        """Top-1/top-5 accuracy (%), mean loss and example count from the summed counts, and with
+        ``per_class_metrics`` the top-1 of every class as ``top1/<class name>`` (classes without an
+        eval example are left out); the task has no per-example records (``records`` is ignored)."""
         n = max(float(sums["count"]), 1.0)
-        return {"top1": 100.0 * float(sums["top1_correct"]) / n,
-                "top5": 100.0 * float(sums["top5_correct"]) / n,
-                "loss": float(sums["loss_sum"]) / n,
-                "num_examples": float(sums["count"])}
+        metrics = {"top1": 100.0 * float(sums["top1_correct"]) / n,
+                   "top5": 100.0 * float(sums["top5_correct"]) / n,
+                   "loss": float(sums["loss_sum"]) / n,
+                   "num_examples": float(sums["count"])}
+        if "class_count" in sums:
+            for name, correct, count in zip(self.class_names(), sums["class_top1_correct"], sums["class_count"]):
+                if count > 0:
+                    metrics[f"top1/{name}"] = 100.0 * float(correct) / float(count)
+        return metrics
 
     # ------------------------------------------------------------------ device side
-    def preprocess_train(self, batch, rng):
+    @staticmethod
+    def _augmented_images(batch):
+        """Normalised images with the host's erasing boxes applied (before any mixing, as timm
+        erases each sample)."""
         images = normalize_images(batch["image"])
-        if random_erasing.ERASE_BOX_KEY in batch:  # before mixing, as timm erases each sample
+        if random_erasing.ERASE_BOX_KEY in batch:
             images = erase_boxes(images, batch[random_erasing.ERASE_BOX_KEY])
+        return images
+
+    def preprocess_bn_reestimation(self, batch):
+        return self._augmented_images(batch)
+
+    def preprocess_train(self, batch, rng):
+        images = self._augmented_images(batch)
         targets = smooth_labels(batch["label"], self.num_classes, self.config.loss.label_smoothing)
         images, targets = mix_batch(images, targets, rng, mixup_alpha=float(self.config.mix.mixup_alpha),
                                     cutmix_alpha=float(self.config.mix.cutmix_alpha))
@@ -203,11 +310,43 @@ class ClassificationTask(DatasetTask):
             metrics["top1"] = 100.0 * jnp.mean(topk_correct(outputs, targets["label"], 1).astype(jnp.float32))
         return loss, metrics
 
+    def teacher_weight(self, progress):
+        """MESA: mesa.ratio once the progress reaches mesa.threshold (official ``thresh <= progress``),
+        else 0; None when mesa.ratio is 0 (off)."""
+        ratio = float(self.config.mesa.ratio)
+        if ratio <= 0:
+            return None
+        return jnp.where(progress >= float(self.config.mesa.threshold), ratio, 0.0).astype(jnp.float32)
+
+    def teacher_loss(self, outputs, teacher_outputs):
+        """The training loss with sigmoid(EMA logits) as the targets (official MESA term)."""
+        return classification_loss(outputs, jax.nn.sigmoid(teacher_outputs.astype(jnp.float32)),
+                                   bool(self.config.loss.bce))
+
     def eval_statistics(self, outputs, targets, mask):
         mask = mask.astype(jnp.int32)
         k5 = min(5, outputs.shape[-1])
         ce = optax.softmax_cross_entropy_with_integer_labels(outputs.astype(jnp.float32), targets)
-        return {"count": jnp.sum(mask),
-                "top1_correct": jnp.sum(topk_correct(outputs, targets, 1) * mask),
-                "top5_correct": jnp.sum(topk_correct(outputs, targets, k5) * mask),
-                "loss_sum": jnp.sum(ce * mask)}
+        top1 = topk_correct(outputs, targets, 1) * mask
+        stats = {"count": jnp.sum(mask),
+                 "top1_correct": jnp.sum(top1),
+                 "top5_correct": jnp.sum(topk_correct(outputs, targets, k5) * mask),
+                 "loss_sum": jnp.sum(ce * mask)}
+        if self.config.get("per_class_metrics", False):  # (a bare config, as in unit tests: off)
+            k = outputs.shape[-1]
+            stats["class_count"] = jax.ops.segment_sum(mask, targets, num_segments=k)
+            stats["class_top1_correct"] = jax.ops.segment_sum(top1.astype(jnp.int32), targets, num_segments=k)
+        return stats
+
+
+class _Subset:
+    """The examples ``indices`` of a random-access source, as a random-access source (picklable)."""
+
+    def __init__(self, source, indices: tuple[int, ...]):
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.source[self.indices[i]]

@@ -28,6 +28,7 @@ def _common() -> ml_collections.ConfigDict:
     c.model.attention = "relu_linear"  # LiteMLA attention variant (create_model override)
     c.model.drop_path_rate = 0.0       # stochastic depth of identity-residual blocks (linear in depth)
     c.model.drop_path_skip = 0         # first blocks without stochastic depth (official: L1 2, L2/L3 3)
+    c.model.drop_path_scheduled = False  # drop probability x training progress (official scheduled drop path)
     c.model.dtype = "float32"          # compute dtype ("float32" | "bfloat16"); params stay float32
     c.model.conv_impl = "auto"         # create_model conv_impl: "auto" (fast CPU formulation on CPU), "lax", "fast"
     c.model.num_classes = -1           # -1: the dataset's number of classes
@@ -94,6 +95,20 @@ def _classification(c: ml_collections.ConfigDict) -> None:
     c.mix = ml_collections.ConfigDict()
     c.mix.mixup_alpha = 0.0            # each step applies exactly ONE of mixup / cutmix (equal chance)
     c.mix.cutmix_alpha = 0.0           # alpha <= 0 disables that one; both <= 0 disables mixing
+
+    # MESA (official L recipe): once the training progress reaches `threshold`, add
+    # ratio x loss(outputs, sigmoid(EMA model's outputs on the same mixed batch)).
+    c.mesa = ml_collections.ConfigDict()
+    c.mesa.ratio = 0.0                 # 0: off (official L1 2.0, L2 2.75, L3 3.5)
+    c.mesa.threshold = 0.25
+
+    # BatchNorm re-estimation before every evaluation (official reset_bn): the evaluated weights' BN
+    # statistics recomputed from a fixed subset of the train split (train transform at the eval size).
+    c.reset_bn = ml_collections.ConfigDict()
+    c.reset_bn.num_images = 0          # 0: off (official 16000; capped at the train split's size)
+    c.reset_bn.global_batch_size = 1600  # official 100 per GPU x 16 GPUs (the global batch 2048 runs)
+
+    c.per_class_metrics = False        # also eval/top1/<class name> per class (and a per-class table in the log)
 
 
 def _segmentation(c: ml_collections.ConfigDict) -> None:

@@ -34,6 +34,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from evit_jax.models import layers
 from evit_jax.tasks import get_task
 from evit_jax.tasks.base import Task
 from evit_jax.train import checkpoint as ckpt_lib
@@ -159,18 +160,48 @@ class Experiment:
                              ema_params=copy(params), ema_batch_stats=copy(batch_stats))
 
     # -- steps ---------------------------------------------------------------
+    def training_progress(self, step: jax.Array) -> jax.Array:
+        """The official trainer's progress (`RunConfig.progress`) at the forward pass of the step
+        that follows ``step`` completed updates: 0 during warmup, then the share of the decay
+        steps done, ``max(0, step - warmup) / (total - warmup)`` (1 after the last update)."""
+        decay_steps = max(self.total_steps - self.warmup_steps, 1)
+        done = jnp.maximum(jnp.asarray(step, jnp.float32) - self.warmup_steps, 0.0)
+        return jnp.minimum(done / decay_steps, 1.0)
+
+    def _teacher_term(self, state: TrainState, inputs: Any, outputs: Any, weight: jax.Array) -> jax.Array:
+        """task.teacher_loss against the EMA model (eval mode, no gradient) on the same inputs;
+        the EMA forward runs only while ``weight`` > 0 (0 otherwise)."""
+        def with_teacher():
+            teacher = self.model.apply(model_variables(state, use_ema=True), inputs, train=False)
+            return jnp.asarray(self.task.teacher_loss(outputs, jax.lax.stop_gradient(teacher)), jnp.float32)
+
+        return jax.lax.cond(weight > 0, with_teacher, lambda: jnp.zeros((), jnp.float32))
+
     def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        """One optimizer update on a global batch (traced under jit)."""
+        """One optimizer update on a global batch (traced under jit).
+
+        With ``model.drop_path_scheduled`` the model's drop-path rates are scaled by the training
+        progress (passed as `layers.schedule_variables`); a task with a teacher term
+        (:meth:`Task.teacher_weight`) gets the EMA model's outputs on the same inputs."""
         cfg = self.config
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         aug_rng, dropout_rng = jax.random.split(rng)
         inputs, targets = self.task.preprocess_train(batch, aug_rng)
+        progress = self.training_progress(state.step)
+        schedule = layers.schedule_variables(progress) if cfg.model.drop_path_scheduled else {}
+        teacher_weight = self.task.teacher_weight(progress)
 
         def loss_fn(params):
             outputs, mutated = self.model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
+                {"params": params, "batch_stats": state.batch_stats, **schedule}, inputs, train=True,
                 mutable=["batch_stats"], rngs={"dropout": dropout_rng})
             loss, metrics = self.task.loss_and_metrics(outputs, targets)
+            if teacher_weight is not None:
+                teacher_loss = self._teacher_term(state, inputs, outputs, teacher_weight)
+                loss = loss + teacher_weight * teacher_loss
+                metrics = dict(metrics, loss=loss, teacher_loss=teacher_loss)
+            if schedule or teacher_weight is not None:
+                metrics = dict(metrics, progress=progress)
             return loss, (metrics, mutated.get("batch_stats", {}))
 
         (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -250,6 +281,64 @@ class Experiment:
         for key in self.task.eval_batch_keys():
             self.eval_executable(key)
 
+    # -- BatchNorm re-estimation (official reset_bn) ----------------------------
+    def _bn_moments(self, variables: dict, batch: dict) -> dict:
+        """Every BatchNorm's batch mean and biased variance over one global batch, each BatchNorm
+        normalising with its batch's statistics and the rest of the model in eval mode, as the
+        official reset_bn forward (traced under jit; the means are over the global batch, i.e.
+        synchronised across devices and hosts)."""
+        inputs = self.task.preprocess_bn_reestimation(batch)
+        _, moments = self.model.apply(variables, inputs, train=False, mutable=[layers.BN_MOMENTS_COLLECTION])
+        return moments.get(layers.BN_MOMENTS_COLLECTION, {})
+
+    @functools.cached_property
+    def bn_reestimation_executable(self) -> tuple[Any, dict]:
+        """(compiled moments step, global batch spec) of the re-estimation pass (compiled once)."""
+        spec = self.task.bn_reestimation_batch_spec(self.task.bn_reestimation_batch_size())
+        variables_sh = {"params": self.state_shardings.params, "batch_stats": self.state_shardings.batch_stats}
+        jitted = jax.jit(self._bn_moments, in_shardings=(variables_sh, mesh_lib.batch_sharding(self.mesh)),
+                         out_shardings=mesh_lib.replicated_sharding(self.mesh))
+        abstract_vars = {"params": self.abstract_state.params, "batch_stats": self.abstract_state.batch_stats}
+        return _compile_logged(jitted, "BN re-estimation step", abstract_vars, self._batch_abstract(spec)), spec
+
+    def reestimate_bn(self, state: TrainState, *, use_ema: bool) -> TrainState:
+        """``state`` with the BatchNorm statistics of its EMA (``use_ema``) or raw weights replaced by
+        re-estimated ones, when the task asks for it (:meth:`Task.bn_reestimation_batch_size`); else
+        ``state`` itself. As the official reset_bn: every BatchNorm's running mean / variance become
+        the means over the pass's batches of its batch mean / biased batch variance; the other
+        statistics (num_batches_tracked) are kept. Deterministic for the run's seed (same images),
+        and the same on any device/process layout up to float32 reduction order."""
+        global_batch = self.task.bn_reestimation_batch_size()
+        if not global_batch:
+            return state
+        t0 = time.perf_counter()
+        compiled, spec = self.bn_reestimation_executable
+        variables = model_variables(state, use_ema=use_ema)
+        sums, batches = None, 0
+        for local in self.task.bn_reestimation_iterator(self.local_batch_size(global_batch)):
+            sums = self.accumulate(sums, compiled(variables, self.global_batch(local, spec)))
+            batches += 1
+        if batches == 0:
+            raise ValueError("the BatchNorm re-estimation pass yielded no batches.")
+        moments = {_path_str(p): v / batches for p, v in
+                   jax.tree_util.tree_flatten_with_path(exact_sum.to_host(jax.device_get(sums)))[0]}
+        name = "ema_batch_stats" if use_ema else "batch_stats"
+        stats, shardings = getattr(state, name), getattr(self.state_shardings, name)
+        unknown = set(moments) - {_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(stats)[0]}
+        if unknown:
+            raise ValueError(f"BatchNorm moments without running statistics: {sorted(unknown)[:5]}.")
+        if not moments:
+            logging.warning("BN re-estimation: the model has no evit_jax BatchNorm; statistics unchanged.")
+
+        def pick(path, old, sharding):
+            new = moments.get(_path_str(path))
+            return old if new is None else jax.device_put(np.asarray(new, old.dtype), sharding)
+
+        new_stats = jax.tree_util.tree_map_with_path(pick, stats, shardings)
+        logging.info("Re-estimated the BatchNorm statistics of the %s weights on %d batches of %d images (%.1fs)",
+                     "EMA" if use_ema else "raw", batches, global_batch, time.perf_counter() - t0)
+        return state.replace(**{name: new_stats})
+
     def global_batch(self, local: dict, spec: dict) -> dict:
         """Local numpy batch -> global batch-sharded arrays, cast to the compiled keys/dtypes."""
         local_spec = {k: np.dtype(v.dtype) for k, v in spec.items()}
@@ -320,6 +409,9 @@ def setup_experiment(config, devices=None) -> Experiment:
     mesh = mesh_lib.create_mesh(config.sharding.strategy, config.sharding.fsdp_size, devices)
     mesh_lib.check_batch_divisible(config.global_batch_size, mesh, "batch size (global_batch_size)")
     mesh_lib.check_batch_divisible(config.eval_batch_size, mesh, "eval batch size (eval_batch_size)")
+    if task.bn_reestimation_batch_size():
+        mesh_lib.check_batch_divisible(task.bn_reestimation_batch_size(), mesh,
+                                       "BatchNorm re-estimation batch (reset_bn.global_batch_size)")
     task.check_data()
     total, warmup = schedule_lengths(config, task.num_train_examples())
     peak_lr = optim.peak_learning_rate(config.optim.base_lr, config.global_batch_size, config.optim.lr_reference_batch)
@@ -414,9 +506,35 @@ def evaluate(experiment: Experiment, state: TrainState, *, include_ema: bool) ->
     for name in weights:
         for k, v in task.finalize_eval(exact_sum.to_host(host_sums[name]), records[name].result()).items():
             results[f"{name}/{k}"] = v
-    logging.info("Evaluation (%.1fs): %s", time.perf_counter() - t0,
-                 " ".join(f"{k}={v:.4f}" for k, v in results.items()))
+    logging.info("Evaluation (%.1fs): %s", time.perf_counter() - t0, _summary(results))
+    for table in _breakdown_tables(results):
+        logging.info("%s", table)
     return results
+
+
+def _summary(metrics: dict[str, float]) -> str:
+    """The top-level metrics ("<weight set>/<name>") as one line, ``eval/top1=... eval_ema/top1=...``;
+    the breakdowns ("eval/top1/<class>") are left to :func:`_breakdown_tables`."""
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.count("/") <= 1)
+
+
+def _breakdown_tables(metrics: dict[str, float]) -> list[str]:
+    """One text table per broken-down metric ("<weight set>/<metric>/<part>", e.g. the per-class
+    "eval/top1/cat"): a row per part, a column per weight set."""
+    groups: dict[str, dict[str, dict[str, float]]] = {}
+    for key, value in metrics.items():
+        if key.count("/") >= 2:
+            weights, metric, part = key.split("/", 2)
+            groups.setdefault(metric, {}).setdefault(part, {})[weights] = value
+    tables = []
+    for metric, rows in groups.items():
+        columns = sorted({w for row in rows.values() for w in row})
+        width = max(len(metric), *(len(part) for part in rows))
+        lines = [f"{metric:<{width}}  " + "  ".join(f"{c:>9}" for c in columns)]
+        lines += [f"{part:<{width}}  " + "  ".join(f"{row[c]:9.2f}" if c in row else f"{'-':>9}" for c in columns)
+                  for part, row in rows.items()]
+        tables.append("\n".join(lines))
+    return tables
 
 
 def _restore_for_eval(experiment: Experiment, workdir: str, step: int) -> TrainState:
@@ -436,7 +554,7 @@ def _write_metrics(workdir: str, config, step: int, metrics: dict[str, float]) -
 
 def _print_final(step: int, total: int, elapsed: float, preempted: bool, metrics: dict[str, float]) -> str:
     """The run's summary line on stdout (``FINAL step=... wall_s=... eval/top1=...``)."""
-    summary = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+    summary = _summary(metrics)
     print(f"FINAL step={step} total_steps={total} wall_s={elapsed:.1f} preempted={preempted} {summary}", flush=True)
     return summary
 
@@ -488,6 +606,7 @@ def _finish_completed_run(experiment: Experiment, workdir: str, t_start: float) 
         experiment.compile_eval_steps()
         state = _restore_for_eval(experiment, workdir, total)
         with _guard(config):
+            state = experiment.reestimate_bn(state, use_ema=bool(config.eval_ema))  # as saved: idempotent
             final = evaluate(experiment, state, include_ema=bool(config.eval_ema))
         _write_metrics(workdir, config, total, final)
     else:
@@ -544,6 +663,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     train_execs = experiment.compile_train_steps()
     experiment.compile_eval_steps()
+    if task.bn_reestimation_batch_size():
+        _ = experiment.bn_reestimation_executable  # compiled at start-up too (fail fast)
     specs = {res: task.train_batch_spec(config.global_batch_size, res) for res in train_execs}
 
     start_step = int(jax.device_get(state.step))
@@ -577,10 +698,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                     writer.write(step, logged)
                     metrics_log.log_line(step, total, logged, img_s, eta)
                     writer.progress(step, {"loss": logged["train/loss"], "lr": logged["train/lr"]})
+                eval_due = config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and step < total
+                if eval_due:  # before a save of the same step: the checkpoint holds what training continues with
+                    with _not_train_time(throughput, state):
+                        state = experiment.reestimate_bn(state, use_ema=bool(config.eval_ema))
                 if config.checkpoint.every_steps > 0 and step % config.checkpoint.every_steps == 0 and step < total:
                     with _not_train_time(throughput, state):
                         checkpointer.save(step, state, train_iter)
-                if config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and step < total:
+                if eval_due:
                     with _not_train_time(throughput, state):
                         results = evaluate(experiment, state, include_ema=config.eval_ema)
                     writer.write(step, results)
@@ -589,6 +714,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             checkpointer.save(step, state, train_iter, force=True)  # a no-op if step is saved already
             checkpointer.wait()
         else:
+            state = experiment.reestimate_bn(state, use_ema=bool(config.eval_ema))
             checkpointer.save(step, state, train_iter, force=True)
             final_metrics = evaluate(experiment, state, include_ema=config.eval_ema)
             writer.write(step, final_metrics)
@@ -626,9 +752,11 @@ def evaluate_only(config, workdir: str) -> dict[str, float]:
         step = 0
         logging.info("Evaluating %s", config.init_from)
     with _guard(config):
+        if loaded is None:  # a training checkpoint: evaluated as training evaluates (published weights as they are)
+            state = experiment.reestimate_bn(state, use_ema=include_ema)
         results = evaluate(experiment, state, include_ema=include_ema)
     _write_metrics(workdir, config, step, results)
-    print("FINAL " + " ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
+    print("FINAL " + _summary(results), flush=True)
     return results
 
 
