@@ -45,6 +45,12 @@ be pure jnp code, with no Python control flow on values):
 * :meth:`Task.preprocess_eval` - ``batch -> (inputs, targets)``, deterministic.
 * :meth:`Task.loss_and_metrics` - ``(outputs, targets) -> (scalar loss, {name: scalar})``,
   averaged over the global batch (train batches are never padded).
+* :meth:`Task.train_loss_and_metrics` (optional) - the same at a given optimizer step (a traced
+  int32 scalar: the updates done before this one, which is also the index of the batch in the
+  train stream, the ``step`` a train transform may take, see `evit_jax/data/pipeline.py`), for a
+  loss that changes during the run (detection's L1 term of the last epochs). The step of a
+  point of the run comes from `evit_jax.tasks.config.schedule_lengths`, as the loop's schedule.
+  Default: :meth:`Task.loss_and_metrics`.
 * :meth:`Task.eval_statistics` - ``(outputs, targets, mask) -> {name: array}`` of per-batch
   SUMMABLE statistics (counts, sums, per-class histograms...) that ignore padded examples
   (``mask == 0``). Summing them over batches gives exact global statistics across devices
@@ -228,6 +234,13 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def loss_and_metrics(self, outputs: Any, targets: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Scalar training loss and scalar train metrics; runs inside jit."""
+
+    def train_loss_and_metrics(self, outputs: Any, targets: Any, step: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The training loss of optimizer step ``step`` (traced int32: updates done so far, the index of
+        the batch in the train stream); runs inside jit. Default: :meth:`loss_and_metrics`, whatever
+        the step."""
+        del step
+        return self.loss_and_metrics(outputs, targets)
 
     @abc.abstractmethod
     def eval_statistics(self, outputs: Any, targets: Any, mask: jax.Array) -> dict[str, jax.Array]:
