@@ -164,14 +164,19 @@ class DetectionTask(DatasetTask):
             scale_range=tuple(float(v) for v in d.scale_range),
             image_key=self.info.image_key, label_key=self.info.label_key)
 
+    def scheduled_train_transform(self):
+        """The train pipeline's transform: :meth:`train_transform`, switched to its ``without_mosaic()``
+        from :meth:`no_aug_start_step` on (``pipeline.SwitchAtStep``) when it mixes images."""
+        transform = self.train_transform()
+        if transform.mosaic_prob > 0 or transform.mixup_prob > 0:
+            return pipeline.SwitchAtStep(transform, transform.without_mosaic(), self.no_aug_start_step())
+        return transform
+
     def train_iterator(self, seed: int, local_batch_size: int):
         d = self.config.data
         source = sources.get_source(d.name, d.train_split, self.data_dir)
-        transform = self.train_transform()
-        if transform.mosaic_prob > 0 or transform.mixup_prob > 0:
-            transform = pipeline.SwitchAtStep(transform, transform.without_mosaic(), self.no_aug_start_step())
         return pipeline.make_train_iterator(
-            source, transform, global_batch_size=local_batch_size * jax.process_count(),
+            source, self.scheduled_train_transform(), global_batch_size=local_batch_size * jax.process_count(),
             image_sizes=self.train_resolutions(), seed=seed, process_index=jax.process_index(),
             process_count=jax.process_count(), worker_count=d.num_workers)
 
