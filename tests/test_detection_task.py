@@ -302,28 +302,35 @@ def _overrides(*extra):
             "--config.optim.name=sgd", "--config.optim.base_lr=1e-4", *extra)
 
 
-def _run(workdir, data_dir, *overrides, devices=1):
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """JAX's persistent compilation cache shared by the 1 x 4-device runs of this module: the reference,
+    killed and resumed runs compile the same steps once (the same executables, so the same numbers)."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def _run(workdir, data_dir, *overrides, devices=1, extra_env=None):
     return h.run_main(workdir, data_dir, *_overrides(*overrides), devices=devices, config="configs/demo_det.py:smoke",
-                      tiny=h.TINY_DET)
+                      tiny=h.TINY_DET, extra_env=extra_env)
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir):
+def reference(tmp_path_factory, data_dir, compile_cache):
     """An uninterrupted run of STEPS steps on 1 process x 4 devices (its workdir)."""
     ref = str(tmp_path_factory.mktemp("ref") / "ref")
-    result = _run(ref, data_dir, devices=4)
+    result = _run(ref, data_dir, devices=4, extra_env=compile_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     return ref
 
 
-def test_resume_after_sigkill_is_exact(tmp_path, data_dir, reference):
+def test_resume_after_sigkill_is_exact(tmp_path, data_dir, reference, compile_cache):
     work = str(tmp_path / "killed")
     # SIGKILL once step 5 is logged (the save of step 3 complete, mosaic and mixup still on), before step 6.
-    killed = h.run_main(work, data_dir, *_overrides(), devices=4, config="configs/demo_det.py:smoke",
-                        tiny=h.TINY_DET, extra_env={"EVIT_TEST_SIGKILL_AT_STEP": "5"})
+    killed = _run(work, data_dir, devices=4, extra_env={**compile_cache, "EVIT_TEST_SIGKILL_AT_STEP": "5"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert max(h.read_metrics(work)) == 5
-    resumed = _run(work, data_dir, devices=4)
+    resumed = _run(work, data_dir, devices=4, extra_env=compile_cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from the checkpoint of step 3" in resumed.stderr
     h.assert_trees_equal(h.restore_raw_state(reference), h.restore_raw_state(work))   # params, BN, moments, EMA
