@@ -251,11 +251,12 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, la
         draw.rectangle([x1, y1, x2, y2], outline=colour, width=max(1, round(min(image.shape[:2]) / 200)))
         text = f"{label} {score:.2f}"
         left, top, right, bottom = draw.textbbox((x1, y1), text)
-        height = bottom - top
+        width, height = right - left, bottom - top
         y = y1 - height - 2 if y1 - height - 2 >= 0 else y1   # above the box when it fits
-        draw.rectangle([x1, y, x1 + right - left + 2, y + height + 2], fill=colour)
+        x = max(min(x1, image.shape[1] - width - 2), 0)       # inside the image's right edge
+        draw.rectangle([x, y, x + width + 2, y + height + 2], fill=colour)
         brightness = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
-        draw.text((x1 + 1, y), text, fill=(0, 0, 0) if brightness > 128 else (255, 255, 255))
+        draw.text((x + 1, y), text, fill=(0, 0, 0) if brightness > 128 else (255, 255, 255))
     return np.asarray(canvas)
 
 

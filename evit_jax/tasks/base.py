@@ -332,6 +332,21 @@ class DatasetTask(Task):
             if split.split("[")[0] not in info.split_sizes:
                 raise ValueError(f"dataset {info.name!r} has no split {split!r}; splits: {sorted(info.split_sizes)}.")
 
+    def check_num_classes(self) -> None:
+        """config.model.num_classes is the dataset's or -1 (tasks whose model must predict exactly the
+        dataset's classes call it from check_data)."""
+        c, info = self.config, self.info
+        if c.model.num_classes > 0 and c.model.num_classes != info.num_classes:
+            raise ValueError(f"config.model.num_classes={c.model.num_classes} but dataset {info.name!r} has "
+                             f"{info.num_classes} classes; use -1 (the dataset's).")
+
+    def dataset_class_names(self) -> list[str]:
+        """The dataset's class names when it names every class of the model, else ``class_<i>``."""
+        names = self.info.class_names
+        if names is not None and len(names) == self.num_classes:
+            return list(names)
+        return [f"class_{i}" for i in range(self.num_classes)]
+
     def create_model(self) -> nn.Module:
         """The zoo model of config.model (compute dtype from config.model.dtype, float32 params)."""
         m = self.config.model
