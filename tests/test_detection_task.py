@@ -377,3 +377,25 @@ def test_sharded_evaluation_equals_one_device(tmp_path, data_dir):
     for key, value in metrics[1].items():
         assert metrics[4][key] == pytest.approx(value, abs=1e-12, nan_ok=True), key
     assert metrics[1]["eval/AP50"] >= 0 and metrics[1]["eval/detections_per_image"] > 1
+
+
+def test_det_bench_runs_the_coco_recipe_on_random_batches_of_the_spec():
+    """evit_jax/tools/det_bench.py (timed by hand, not here): its config is configs/coco.py's for the model at
+    one size, and its random batches have the task's batch contract."""
+    from evit_jax.tools import det_bench
+
+    config = det_bench.bench_config("efficientvit_v1_det_b1", 4, 96, max_boxes=10)
+    assert config.model.name == "efficientvit_v1_det_b1" and config.optim.name == "sgd"
+    assert config.data.image_sizes == (96,) and config.data.eval_image_size == 96 and config.global_batch_size == 4
+    task = det_bench.RandomDataDetectionTask(config)
+    task.check_config()
+    task.check_data()   # nothing to read
+    for batch, spec in ((det_bench.random_train_batch(4, 96, 10, 3, 80), task.train_batch_spec(4, (96, 96))),
+                        (det_bench.random_eval_batch(4, 96), task.eval_batch_spec(4, (96, 96)))):
+        assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {k: (s.shape, s.dtype) for k, s in spec.items()}
+    train = det_bench.random_train_batch(4, 96, 10, 3, 80)
+    assert (train["box_mask"].sum(1) == 3).all()
+    x1, y1, x2, y2 = np.moveaxis(train["boxes"], -1, 0)
+    assert (x1 >= 0).all() and (x2 <= 96).all() and (x2 - x1 >= 8).all() and (y1 >= 0).all() and (y2 <= 96).all()
+    with pytest.raises(ValueError, match="det_bench takes a detection model"):
+        det_bench.bench_config("efficientvit_b1", 4, 96)
