@@ -21,12 +21,22 @@ back to the input's size with the PyTorch-equivalent bicubic before the argmax.
 Classification models print the top-5 classes after the official resize + centre crop
 (``--image_size``, ``--crop_ratio``), with their names: the workdir's dataset's, or ImageNet's
 for a 1000-class model (``evit_jax.data.imagenet_classes``); indices when none are known.
+Detection models (``efficientvit_det_*``) see the image through YOLOX's evaluation letterbox
+(``--image_size``, default: the workdir's ``data.eval_image_size``, else 640), keep the
+detections scoring at least ``--score_threshold`` (default 0.3, YOLOX's demo) after class-aware
+NMS at ``--nms_threshold`` (default 0.3, YOLOX's demo), draw them with their class name and
+score on a copy of the image at its own size (``--out``, default ``<image>_boxes.png``) and print
+them to stdout as one COCO-style JSON list: ``{"image", "bbox": [x, y, w, h] in original pixels,
+"score", "category_id", "category_name"}`` (category ids and names from the workdir's dataset;
+the class index and ``class_<k>`` otherwise). No detection weights are published, so
+``hub:`` names a classification or segmentation model only.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import os
 import sys
@@ -129,8 +139,24 @@ def infer_num_classes(task: str, params: dict) -> int:
     head = params["head"]
     if task == "classification":
         return int(np.shape(head["op_list_3"]["linear"]["bias"])[0])
+    if task == "detection":
+        return int(np.shape(head["cls_preds_0"]["bias"])[0])
     finals = sorted(k for k in head if k.startswith("output_ops_0_op_list_") and "bias" in head[k].get("conv", {}))
     return int(np.shape(head[finals[-1]]["conv"]["bias"])[0])
+
+
+def _workdir_dataset_info(run_config: dict):
+    """The `sources.DatasetInfo` of a training workdir's dataset when it is there (never built), else None."""
+    from evit_jax.data import sources
+
+    data = run_config.get("data", {})
+    if not data.get("name"):
+        return None
+    data_dir = os.path.expanduser(data.get("data_dir", "~/tensorflow_datasets"))
+    try:  # build=False: predicting reads a dataset that is there, never builds one
+        return sources.get_info(data["name"], data_dir, build=False)
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def class_names_for(spec, num_classes: int, run_config: dict) -> list[str] | None:
@@ -144,15 +170,9 @@ def class_names_for(spec, num_classes: int, run_config: dict) -> list[str] | Non
     if spec.dataset in ("cityscapes", "ade20k") and not run_config:
         module = __import__(f"evit_jax.data.{spec.dataset}", fromlist=["CLASS_NAMES"])
         names = list(module.CLASS_NAMES)
-    elif run_config.get("data", {}).get("name"):
-        from evit_jax.data import sources
-        data = run_config["data"]
-        data_dir = os.path.expanduser(data.get("data_dir", "~/tensorflow_datasets"))
-        try:  # build=False: predicting reads a dataset that is there, never builds one
-            info = sources.get_info(data["name"], data_dir, build=False)
-            names = imagenet_classes.readable_class_names(info.class_names) if info.class_names else None
-        except (FileNotFoundError, ValueError):
-            names = None
+    elif dataset:
+        info = _workdir_dataset_info(run_config)
+        names = imagenet_classes.readable_class_names(info.class_names) if info and info.class_names else None
     if (names is None and spec.task == "classification" and dataset in (None, "imagenet2012")
             and num_classes == imagenet_classes.NUM_IMAGENET_CLASSES):
         names = list(imagenet_classes.imagenet_class_names())
@@ -190,6 +210,69 @@ def _classification_forward(model):
     return jax.jit(classify)
 
 
+@functools.lru_cache(maxsize=8)
+def _detection_forward(model, postprocess_config):
+    import jax
+
+    from evit_jax.data.transforms import normalize_images
+    from evit_jax.models.det import detection_grid
+    from evit_jax.tasks.det_postprocess import postprocess
+
+    def detect(variables, x):
+        raw = model.apply(variables, normalize_images(x), train=False)
+        return postprocess(raw, detection_grid(x.shape[1], x.shape[2]), postprocess_config)
+
+    return jax.jit(detect)
+
+
+def predict_detection(model, variables, image: np.ndarray, image_size: int,
+                      postprocess_config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 (H, W, 3) -> (boxes float64 (K, 4) x1, y1, x2, y2 in the image's pixels, scores (K,), classes
+    (K,)), best first: YOLOX's evaluation letterbox to ``image_size``, the model, post-processing, and the
+    boxes mapped back (clipped to the image)."""
+    from evit_jax.data import det_transforms
+
+    padded, scale = det_transforms.letterbox(image, image_size)
+    dets = _detection_forward(model, postprocess_config)(variables, padded[None])
+    boxes, scores, classes, valid = (np.asarray(a)[0] for a in (dets.boxes, dets.scores, dets.classes, dets.valid))
+    return det_transforms.unletterbox_boxes(boxes[valid], scale, image.shape[:2]), scores[valid], classes[valid]
+
+
+def draw_detections(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: Sequence[str],
+                    colours: np.ndarray) -> np.ndarray:
+    """A copy of ``image`` with each box outlined in its colour and labelled ``<label> <score>``."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    for box, score, label, colour in zip(boxes, scores, labels, colours):
+        x1, y1, x2, y2 = (float(v) for v in box)
+        colour = tuple(int(c) for c in colour)
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=max(1, round(min(image.shape[:2]) / 200)))
+        text = f"{label} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((x1, y1), text)
+        width, height = right - left, bottom - top
+        y = y1 - height - 2 if y1 - height - 2 >= 0 else y1   # above the box when it fits
+        x = max(min(x1, image.shape[1] - width - 2), 0)       # inside the image's right edge
+        draw.rectangle([x, y, x + width + 2, y + height + 2], fill=colour)
+        brightness = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+        draw.text((x + 1, y), text, fill=(0, 0, 0) if brightness > 128 else (255, 255, 255))
+    return np.asarray(canvas)
+
+
+def detection_records(path: Path, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
+                      category_ids: Sequence[int] | None, names: Sequence[str] | None) -> list[dict]:
+    """COCO-style result dicts of one image's detections: bbox [x, y, w, h] in original pixels."""
+    records = []
+    for box, score, k in zip(boxes, scores, classes):
+        x1, y1, x2, y2 = (float(v) for v in box)
+        records.append({"image": str(path), "bbox": [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)],
+                        "score": round(float(score), 5),
+                        "category_id": int(category_ids[k]) if category_ids else int(k),
+                        "category_name": names[k] if names else f"class_{int(k)}"})
+    return records
+
+
 def predict_segmentation(model, variables, image: np.ndarray, short_side: int) -> np.ndarray:
     """uint8 (H, W, 3) -> int32 (H, W) class ids at the input's size."""
     from evit_jax.data import seg_transforms
@@ -215,6 +298,10 @@ def overlay(image: np.ndarray, colours: np.ndarray, opacity: float = 0.5) -> np.
     return np.clip(colours * opacity + image * (1 - opacity), 0, 255).astype(np.uint8)
 
 
+def _boxes_path(image_path: Path, out: str | None) -> Path:
+    return Path(out) if out else image_path.with_name(f"{image_path.stem}_boxes.png")
+
+
 def _output_paths(image_path: Path, out: str | None) -> tuple[Path, Path]:
     mask_path = Path(out) if out else image_path.with_name(f"{image_path.stem}_mask.png")
     return mask_path, mask_path.with_name(f"{mask_path.stem}_overlay{mask_path.suffix or '.png'}")
@@ -237,11 +324,15 @@ def run(argv: Sequence[str] | None = None) -> int:
                         help="model name (evit_jax.models.list_models()); optional with --checkpoint hub:NAME or a workdir")
     parser.add_argument("--checkpoint", required=True,
                         help=".pt/.pth/.safetensors, converted dir, workdir, or hub:NAME (published weights)")
-    parser.add_argument("--out", default=None, help="segmentation: mask path (one image only)")
+    parser.add_argument("--out", default=None,
+                        help="segmentation: mask path; detection: the image with its boxes (one image only)")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights of the checkpoint")
     parser.add_argument("--short_side", type=int, default=None,
                         help="segmentation input short side (multiple of 32; 0 keeps the size)")
-    parser.add_argument("--image_size", type=int, default=None, help="classification crop size")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="classification crop size; detection letterbox size (multiple of 32)")
+    parser.add_argument("--score_threshold", type=float, default=0.3, help="detection: lowest score drawn")
+    parser.add_argument("--nms_threshold", type=float, default=0.3, help="detection: class-aware NMS IoU")
     parser.add_argument("--crop_ratio", type=float, default=None, help="classification crop ratio")
     parser.add_argument("--top_k", type=int, default=5)
     args = parser.parse_args(argv)
@@ -265,15 +356,20 @@ def _run(args) -> int:
         raise PredictError(f"--checkpoint {args.checkpoint} holds {published.model} weights, not {spec.name}; "
                            f"drop --model or pass --model {published.model}.")
     if spec.task == "backbone":
-        raise PredictError(f"{spec.name} is a bare backbone; use a classification or segmentation model.")
+        raise PredictError(f"{spec.name} is a bare backbone; use a classification, segmentation or detection model.")
     images = [Path(p) for p in args.images]
     for p in images:
         if not p.is_file():
             raise PredictError(f"image {p} does not exist.")
     if args.out and len(images) > 1:
-        raise PredictError("--out names one mask; pass a single image or drop --out.")
-    if args.out and spec.task != "segmentation":
-        raise PredictError("--out is for segmentation models; classification prints its top classes.")
+        raise PredictError("--out names one output image; pass a single image or drop --out.")
+    if args.out and spec.task == "classification":
+        raise PredictError("--out is for segmentation and detection models; classification prints its top classes.")
+    if spec.task == "detection":
+        if args.image_size is not None and (args.image_size <= 0 or args.image_size % 32):
+            raise PredictError(f"--image_size={args.image_size} is not a positive multiple of 32.")
+        if not 0 <= args.score_threshold <= 1 or not 0 <= args.nms_threshold <= 1:
+            raise PredictError("--score_threshold and --nms_threshold must lie in [0, 1].")
     if args.short_side is not None and args.short_side > 0 and args.short_side % 32:
         raise PredictError(f"--short_side={args.short_side} is not a multiple of 32.")
 
@@ -308,6 +404,8 @@ def _run(args) -> int:
             share = ", ".join(f"{names[i] if names else i}: {100 * c / mask.size:.1f}%"
                               for i, c in sorted(zip(ids, counts), key=lambda t: -t[1]))
             print(f"{path}: {mask.shape[0]}x{mask.shape[1]} -> {mask_path}, {overlay_path} ({share})")
+    elif spec.task == "detection":
+        _predict_detections(args, images, model, variables, num_classes, names, run_config)
     else:
         if published is not None:  # the weights' own evaluation settings
             image_size = args.image_size or published.input_size[0]
@@ -324,6 +422,33 @@ def _run(args) -> int:
                 label = f"{names[c]} (class {c})" if names else f"class {c}"
                 print(f"  {rank}. {label}  p={probs[c]:.4f}")
     return 0
+
+
+def _predict_detections(args, images: Sequence[Path], model, variables, num_classes: int, names,
+                        run_config: dict) -> None:
+    """Draws and prints the detections of every image (module docstring)."""
+    from PIL import Image
+
+    from evit_jax.tasks.det_postprocess import PostprocessConfig
+
+    info = _workdir_dataset_info(run_config)
+    category_ids = list(info.category_ids) if info is not None and info.category_ids else None
+    image_size = args.image_size or int(run_config.get("data", {}).get("eval_image_size", 640))
+    max_detections = int(run_config.get("postprocess", {}).get("max_detections", 100))
+    config = PostprocessConfig(score_threshold=args.score_threshold, iou_threshold=args.nms_threshold,
+                               max_detections=max_detections)
+    palette = generated_palette(num_classes + 1)[1:]  # class k gets colour k + 1: never black
+    results = []
+    for path in images:
+        image = _read_image(path)
+        boxes, scores, classes = predict_detection(model, variables, image, image_size, config)
+        labels = [names[k] if names else f"class_{k}" for k in classes]
+        out = _boxes_path(path, args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(draw_detections(image, boxes, scores, labels, palette[classes])).save(out)
+        print(f"{path}: {image.shape[0]}x{image.shape[1]}, {len(scores)} detections -> {out}", file=sys.stderr)
+        results += detection_records(path, boxes, scores, classes, category_ids, names)
+    print("[" + ",\n ".join(json.dumps(r) for r in results) + "]")  # valid JSON, one detection a line
 
 
 def main() -> None:

@@ -8,7 +8,8 @@ dropout, so every code path of the loop (batch stats, EMA, weight-decay mask, dr
 is exercised. ``tiny_test_evit`` (registered with it) is built from EfficientViT's own layers
 (`evit_jax.models.layers`: ConvLayer with its BatchNorm, a residual block with DropPath at the
 config's drop_path_rate), for the parts of the recipe that live in those layers (scheduled drop
-path, BatchNorm re-estimation).
+path, BatchNorm re-estimation). ``tiny_test_det`` is a detector with EfficientViT-Det's output layout
+(its PAFPN and YOLOX head on a five-conv stand-in backbone), for the detection task.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,17 +100,45 @@ def _tiny_evit_module():
     return build
 
 
+def _tiny_det_module():
+    import dataclasses
+
+    import flax.linen as nn
+
+    from evit_jax.models import det, layers
+
+    class TinyDetector(nn.Module):
+        """Five stride-2 ConvLayers (strides 2..32; the last three are P2-P4 at 8, 16, 32) -> EfficientViT-Det's
+        own PAFPN and YOLOX head at widths 8/16/32: the detector's output layout, compiled in seconds."""
+        num_classes: int
+        cfg: layers.LayerConfig
+
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            features = []
+            for i, width in enumerate((8, 8, 8, 16, 32)):
+                x = layers.ConvLayer(width, 3, self.cfg, stride=2, act="relu", name=f"down_{i}")(x, train)
+                features.append(x)
+            levels = det.YOLOPAFPN((8, 16, 32), 1, self.cfg, name="neck")(features[2:], train)
+            return det.YOLOXHead(self.num_classes, 8, self.cfg, name="head")(levels, train).astype("float32")
+
+    return lambda options: TinyDetector(options.classes(), dataclasses.replace(options.cfg, conv_impl="lax"))
+
+
 TINY_EVIT = "tiny_test_evit"
+TINY_DET = "tiny_test_det"
 
 
 def register_tiny_model() -> None:
-    """Adds the models ``tiny_test_cnn`` and ``tiny_test_evit`` to the zoo (10-class classifiers by default)."""
+    """Adds the models ``tiny_test_cnn`` and ``tiny_test_evit`` (10-class classifiers by default) and
+    ``tiny_test_det`` (a detector, 6 classes by default) to the zoo."""
     from evit_jax.models import ModelSpec, register_model
 
     tiny_cls = _tiny_module()
     register_model(ModelSpec(TINY, "classification", "tiny", 10),
                    lambda options: tiny_cls(num_classes=options.classes(), dtype=options.cfg.dtype))
     register_model(ModelSpec(TINY_EVIT, "classification", "tiny", 10), _tiny_evit_module())
+    register_model(ModelSpec(TINY_DET, "detection", "tiny", 6), _tiny_det_module())
 
 
 def example_records(outputs, targets, batch) -> dict:
@@ -170,7 +200,7 @@ def run_main(workdir: str, data_dir: str, *overrides: str, devices: int = 1, tin
 
 
 def run_local_processes(workdir: str, data_dir: str, log_dir: str, *overrides: str, processes: int = 2,
-                        devices_per_process: int = 2, tiny: bool | str = True,
+                        devices_per_process: int = 2, tiny: bool | str = True, config: str = "configs/demo.py:smoke",
                         timeout: float = 600) -> tuple[subprocess.CompletedProcess, str]:
     """``launch/local.sh`` running the training command on ``processes`` local processes with
     ``devices_per_process`` CPU devices each; (completed launcher, its stderr tail + every
@@ -180,11 +210,36 @@ def run_local_processes(workdir: str, data_dir: str, log_dir: str, *overrides: s
                   PYTHON=sys.executable)
     env.pop("XLA_FLAGS")
     cmd = [os.path.join(REPO, "launch", "local.sh"), str(processes),
-           *main_command(workdir, data_dir, *overrides, tiny=tiny)[3:]]  # drop "python -m tests._train_main"
+           *main_command(workdir, data_dir, *overrides, config=config, tiny=tiny)[3:]]  # drop "python -m ..."
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     logs = proc.stderr[-3000:] + ("".join(open(os.path.join(log_dir, f)).read()[-2000:]
                                           for f in sorted(os.listdir(log_dir))) if os.path.isdir(log_dir) else "")
     return proc, logs
+
+
+def wait_for_step(workdir: str, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Returns once the running ``proc`` has logged ``step`` to WORKDIR/metrics.jsonl (AssertionError if
+    it ends or times out first)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early:\n{proc.stderr.read()[-3000:]}")
+        if os.path.exists(path) and any(f'"step": {step},' in line for line in open(path)):
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def assert_trees_equal(a, b) -> None:
+    """Same paths, bitwise equal leaves."""
+    import jax
+    import numpy as np
+
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (path, x), (_, y) in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
 
 
 def final_line(result: subprocess.CompletedProcess) -> str:

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -20,26 +19,6 @@ STEPS = 12
 def _overrides(*extra):
     return (f"--config.total_steps={STEPS}", "--config.checkpoint.every_steps=3",
             "--config.mix.mixup_alpha=0.5", "--config.mix.cutmix_alpha=0.5", *extra)
-
-
-def _assert_trees_equal(a, b):
-    import jax
-    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
-    assert [p for p, _ in la] == [p for p, _ in lb]
-    for (path, x), (_, y) in zip(la, lb):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
-
-
-def _wait_for_step(workdir, step, proc, timeout=240):
-    path = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early:\n{proc.stderr.read()[-3000:]}")
-        if os.path.exists(path) and any(f'"step": {step},' in line for line in open(path)):
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +34,7 @@ def _assert_same_run(ref, work):
     """Same final state (bitwise), same train losses and final evaluation as the reference."""
     ref_state, got_state = h.restore_raw_state(ref), h.restore_raw_state(work)
     assert int(got_state["step"]) == STEPS
-    _assert_trees_equal(ref_state, got_state)  # params, BN stats, Adam moments, EMA, rng: bitwise
+    h.assert_trees_equal(ref_state, got_state)  # params, BN stats, Adam moments, EMA, rng: bitwise
     ref_m, got_m = h.read_metrics(ref), h.read_metrics(work)
     for step in range(1, STEPS + 1):
         assert got_m[step]["train/loss"] == ref_m[step]["train/loss"], step
@@ -70,7 +49,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, data_dir, reference):
     proc = subprocess.Popen(h.main_command(work, data_dir, *_overrides()), cwd=h.REPO, env=h.env_for(1),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_step(work, 8, proc)
+        h.wait_for_step(work, 8, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
@@ -149,7 +128,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
                                            "--config.checkpoint.every_steps=1000"),
                             cwd=h.REPO, env=h.env_for(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_step(work, 3, proc)
+        h.wait_for_step(work, 3, proc)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:

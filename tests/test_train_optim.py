@@ -97,3 +97,40 @@ def test_optimizer_without_clipping():
     state = tx.init(params)
     _, state = tx.update({"kernel": jnp.array([10.0, 1.0])}, state, params)
     np.testing.assert_allclose(state[0][0].mu["kernel"], [1.0, 0.1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_sgd_matches_torch_sgd(nesterov):
+    """optim.name="sgd" (YOLOX's optimizer) against torch.optim.SGD over 4 steps with a varying lr: momentum,
+    Nesterov, weight decay as L2 on the masked parameters only (YOLOX's pg0/pg1/pg2 groups); rtol 1e-6."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    params = {"conv": {"kernel": rng.normal(size=(3, 4)).astype(np.float32),
+                       "bias": rng.normal(size=(4,)).astype(np.float32)}}
+    grads = [{"conv": {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params["conv"].items()}}
+             for _ in range(4)]
+    lrs = [0.1, 0.05, 0.02, 0.01]
+    tx = optim.create_optimizer(_optim_config(name="sgd", momentum=0.9, nesterov=nesterov, weight_decay=5e-4,
+                                              grad_clip_value=0.0), lambda step: jnp.asarray(lrs)[step], params)
+    p = {"conv": {k: jnp.asarray(v) for k, v in params["conv"].items()}}
+    state = tx.init(p)
+    for g in grads:
+        updates, state = tx.update(g, state, p)
+        p = optax.apply_updates(p, updates)
+
+    kernel, bias = (torch.tensor(params["conv"][k], requires_grad=True) for k in ("kernel", "bias"))
+    opt = torch.optim.SGD([{"params": [kernel], "weight_decay": 5e-4}, {"params": [bias], "weight_decay": 0.0}],
+                          lr=lrs[0], momentum=0.9, nesterov=nesterov)
+    for lr, g in zip(lrs, grads):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        kernel.grad, bias.grad = torch.tensor(g["conv"]["kernel"]), torch.tensor(g["conv"]["bias"])
+        opt.step()
+    np.testing.assert_allclose(p["conv"]["kernel"], kernel.detach().numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(p["conv"]["bias"], bias.detach().numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_unknown_optimizer_is_one_clear_error():
+    with pytest.raises(ValueError, match=r"config.optim.name='lamb' is unknown; use one of \('adamw', 'sgd'\)"):
+        optim.create_optimizer(_optim_config(name="lamb"), lambda _: 1.0, {"kernel": jnp.ones(2)})

@@ -11,7 +11,11 @@ contiguous block [s*G + p*L, s*G + (p+1)*L) of it (local batch L = G/P). Hence
 - the set of examples in a global batch, and each example's augmentation (its numpy
   Generator is seeded by (seed, stream position)), do not depend on the process count;
 - the batch's resolution is drawn from (seed, step), so every process uses the same size
-  at the same step.
+  at the same step;
+- a transform that declares ``takes_step = True`` is also given the step (the global batch
+  index, which is the training step that consumes the batch), e.g. :class:`SwitchAtStep`
+  to change the augmentation for the last part of a run; other transforms are called
+  without it.
 
 Per-example transforms run inside the batched `MapDataset`, so grain worker processes
 (`worker_count > 0`) each produce whole batches and the output is identical for every
@@ -87,10 +91,27 @@ def _stack(examples: Sequence[Batch]) -> Batch:
 
 
 @dataclasses.dataclass(frozen=True)
-class _TrainExample(grain.transforms.MapWithIndex):
-    """Applies the train transform to the example at stream position `index` with its batch's size."""
+class SwitchAtStep:
+    """A train transform that is ``before`` for the batches of steps < ``step`` and ``after`` from
+    ``step`` on (e.g. YOLOX's last epochs without mosaic). Picklable when both are."""
 
-    transform_fn: Callable[[dict[str, Any], tuple[int, int], np.random.Generator], Batch]
+    before: Callable[[dict[str, Any], tuple[int, int], np.random.Generator], Batch]
+    after: Callable[[dict[str, Any], tuple[int, int], np.random.Generator], Batch]
+    step: int
+
+    takes_step = True
+
+    def __call__(self, example: dict[str, Any], size: tuple[int, int], rng: np.random.Generator,
+                 step: int) -> Batch:
+        return (self.before if step < self.step else self.after)(example, size, rng)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainExample(grain.transforms.MapWithIndex):
+    """Applies the train transform to the example at stream position `index` with its batch's size
+    (and its step, to a transform that ``takes_step``)."""
+
+    transform_fn: Callable[..., Batch]
     image_sizes: tuple[tuple[int, int], ...]
     seed: int
     global_batch: int
@@ -98,7 +119,10 @@ class _TrainExample(grain.transforms.MapWithIndex):
     def map_with_index(self, index: int, example: dict[str, Any]) -> Batch:
         rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, index])
         step = index // self.global_batch
-        return self.transform_fn(example, batch_resolution(self.image_sizes, self.seed, step), rng)
+        size = batch_resolution(self.image_sizes, self.seed, step)
+        if getattr(self.transform_fn, "takes_step", False):
+            return self.transform_fn(example, size, rng, step)
+        return self.transform_fn(example, size, rng)
 
 
 def _finish(dataset: grain.MapDataset, worker_count: int, read_threads: int,
@@ -138,7 +162,8 @@ def make_train_iterator(source: Sequence[dict[str, Any]],
 
     Args:
       source: random-access source (`len`, `__getitem__`), e.g. `sources.get_source(...)`.
-      transform_fn: `transform_fn(example, (height, width), rng) -> dict` of numpy arrays;
+      transform_fn: `transform_fn(example, (height, width), rng) -> dict` of numpy arrays
+        (`transform_fn(example, (height, width), rng, step)` when it has ``takes_step = True``);
         must be picklable when `worker_count > 0` (e.g. `ClassificationTrainTransform`).
       global_batch_size: batch size summed over processes; must divide by process_count.
       image_sizes: an int, or the sizes (int or (h, w)) drawn per batch from (seed, step).

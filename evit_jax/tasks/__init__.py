@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 TASKS = {
     "classification": "evit_jax.tasks.classification:ClassificationTask",
     "segmentation": "evit_jax.tasks.segmentation:SegmentationTask",
+    "detection": "evit_jax.tasks.detection:DetectionTask",
 }
 
 

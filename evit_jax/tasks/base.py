@@ -48,6 +48,12 @@ be pure jnp code, with no Python control flow on values):
 * :meth:`Task.preprocess_eval` - ``batch -> (inputs, targets)``, deterministic.
 * :meth:`Task.loss_and_metrics` - ``(outputs, targets) -> (scalar loss, {name: scalar})``,
   averaged over the global batch (train batches are never padded).
+* :meth:`Task.train_loss_and_metrics` (optional) - the same at a given optimizer step (a traced
+  int32 scalar: the updates done before this one, which is also the index of the batch in the
+  train stream, the ``step`` a train transform may take, see `evit_jax/data/pipeline.py`), for a
+  loss that changes during the run (detection's L1 term of the last epochs). The step of a
+  point of the run comes from `evit_jax.tasks.config.schedule_lengths`, as the loop's schedule.
+  Default: :meth:`Task.loss_and_metrics`.
 * :meth:`Task.eval_statistics` - ``(outputs, targets, mask) -> {name: array}`` of per-batch
   SUMMABLE statistics (counts, sums, per-class histograms...) that ignore padded examples
   (``mask == 0``). Summing them over batches gives exact global statistics across devices
@@ -235,6 +241,13 @@ class Task(abc.ABC):
     def loss_and_metrics(self, outputs: Any, targets: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Scalar training loss and scalar train metrics; runs inside jit."""
 
+    def train_loss_and_metrics(self, outputs: Any, targets: Any, step: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The training loss of optimizer step ``step`` (traced int32: updates done so far, the index of
+        the batch in the train stream); runs inside jit. Default: :meth:`loss_and_metrics`, whatever
+        the step."""
+        del step
+        return self.loss_and_metrics(outputs, targets)
+
     @abc.abstractmethod
     def eval_statistics(self, outputs: Any, targets: Any, mask: jax.Array) -> dict[str, jax.Array]:
         """Per-batch summable statistics ignoring padded examples; runs inside jit."""
@@ -338,6 +351,21 @@ class DatasetTask(Task):
         for split in (self.config.data.train_split, self.config.data.eval_split):
             if split.split("[")[0] not in info.split_sizes:
                 raise ValueError(f"dataset {info.name!r} has no split {split!r}; splits: {sorted(info.split_sizes)}.")
+
+    def check_num_classes(self) -> None:
+        """config.model.num_classes is the dataset's or -1 (tasks whose model must predict exactly the
+        dataset's classes call it from check_data)."""
+        c, info = self.config, self.info
+        if c.model.num_classes > 0 and c.model.num_classes != info.num_classes:
+            raise ValueError(f"config.model.num_classes={c.model.num_classes} but dataset {info.name!r} has "
+                             f"{info.num_classes} classes; use -1 (the dataset's).")
+
+    def dataset_class_names(self) -> list[str]:
+        """The dataset's class names when it names every class of the model, else ``class_<i>``."""
+        names = self.info.class_names
+        if names is not None and len(names) == self.num_classes:
+            return list(names)
+        return [f"class_{i}" for i in range(self.num_classes)]
 
     def create_model(self) -> nn.Module:
         """The zoo model of config.model (compute dtype from config.model.dtype, float32 params)."""

@@ -46,11 +46,14 @@ def _common() -> ml_collections.ConfigDict:
     c.eval_batch_size = 512            # global
 
     c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"             # "adamw" (b1, b2, eps) | "sgd" (momentum, nesterov; PyTorch's SGD, weight decay as L2)
     c.optim.base_lr = 2.5e-4           # per lr_reference_batch images (official: init_lr = base_lr * num_gpus at 128/gpu)
     c.optim.lr_reference_batch = 128   # peak lr = base_lr * global_batch_size / lr_reference_batch
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
+    c.optim.momentum = 0.9             # sgd only
+    c.optim.nesterov = True            # sgd only
     c.optim.weight_decay = 0.1
     c.optim.no_decay_keys = ("norm", "bias")
     c.optim.grad_clip_value = 2.0      # clip gradients BY VALUE to [-v, v]; 0 disables
@@ -128,10 +131,39 @@ def _segmentation(c: ml_collections.ConfigDict) -> None:
     c.loss.upsample = "bilinear"       # logits -> crop size for the loss: "bilinear" | "bicubic"
 
 
+def _detection(c: ml_collections.ConfigDict) -> None:
+    # Train (host, evit_jax.data.det_transforms.DetectionTrainTransform): YOLOX's augmentation at a per-batch
+    # size drawn from data.image_sizes (multi-scale training); flip with data.hflip.
+    c.data.max_boxes = 120             # ground-truth boxes per training image (YOLOX max_labels); more are dropped
+    c.data.mosaic_prob = 1.0           # YOLOX COCO recipe: mosaic on every image ...
+    c.data.mixup_prob = 1.0            # ... and mixup after every mosaic
+    c.data.hsv_prob = 1.0
+    c.data.degrees = 10.0              # mosaic's random affine: rotation +-degrees
+    c.data.translate = 0.1             # translation +- this share of the size
+    c.data.shear = 2.0                 # shear +- degrees
+    c.data.mosaic_scale = (0.1, 2.0)   # scale range of the mosaic's affine
+    c.data.mixup_scale = (0.5, 1.5)
+    c.data.scale_range = (1.0, 1.0)    # scale jitter of the non-mosaic letterbox ((1, 1): YOLOX's plain letterbox)
+    c.data.no_aug_epochs = 15.0        # the last epochs: no mosaic / mixup, L1 box term on (YOLOX); 0: never
+    # Eval (host): YOLOX's letterbox to a square of this size; detections mapped back to the original pixels.
+    c.data.eval_image_size = 640
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.assigner = "yolox_0.3.0"    # SimOTA version: "yolox_0.3.0" (the paper's time) | "yolox_2023"
+
+    # Evaluation post-processing (evit_jax.tasks.det_postprocess.PostprocessConfig); defaults: YOLOX's COCO eval.
+    c.postprocess = ml_collections.ConfigDict()
+    c.postprocess.score_threshold = 0.01   # YOLOX test_conf
+    c.postprocess.iou_threshold = 0.65     # class-aware NMS (YOLOX nmsthre)
+    c.postprocess.max_detections = 100     # per image (COCO's maxDets)
+    c.postprocess.pre_nms_top_k = 1000     # highest-scoring points entering NMS (static shapes)
+
+
 # task -> function adding its keys to the common ones.
 _TASK_SECTIONS = {
     "classification": _classification,
     "segmentation": _segmentation,
+    "detection": _detection,
 }
 
 
@@ -163,6 +195,27 @@ def base_config(task: str) -> ml_collections.ConfigDict:
 def task_keys(task: str) -> set[str]:
     """Every flattened key (``data.eval_protocol``) a run config of ``task`` has."""
     return _flat_keys(base_config(task))
+
+
+def schedule_lengths(config: ml_collections.ConfigDict, train_examples: int) -> tuple[int, int]:
+    """(total_steps, warmup_steps) of a run. Default: (num_epochs + warmup_epochs) epochs of the train
+    split; ``total_steps`` > 0 overrides the length (warmup keeps its fraction of the run);
+    ``warmup_steps`` >= 0 overrides the warmup. The loop schedules with it; a task that changes its
+    behaviour at a point of the run (detection's last no-augmentation epochs) places it with it."""
+    epochs = config.num_epochs + config.warmup_epochs
+    if config.total_steps > 0:
+        total = int(config.total_steps)
+    else:
+        total = int(round(epochs * train_examples / config.global_batch_size))
+    if config.warmup_steps >= 0:
+        warmup = int(config.warmup_steps)
+    else:
+        warmup = int(round(total * config.warmup_epochs / epochs)) if epochs else 0
+    if total <= 0:
+        raise ValueError(f"the schedule has {total} steps; set --config.total_steps or num_epochs.")
+    if warmup > total:
+        raise ValueError(f"warmup_steps={warmup} exceeds total_steps={total}.")
+    return total, warmup
 
 
 def check_keys(config: ml_collections.ConfigDict) -> None:

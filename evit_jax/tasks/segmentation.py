@@ -175,10 +175,7 @@ class SegmentationTask(DatasetTask):
 
     @property
     def class_names(self) -> list[str]:
-        names = self.info.class_names
-        if names is not None and len(names) == self.num_classes:
-            return list(names)
-        return [f"class_{i}" for i in range(self.num_classes)]
+        return self.dataset_class_names()
 
     def check_config(self) -> None:
         super().check_config()
@@ -199,10 +196,7 @@ class SegmentationTask(DatasetTask):
 
     def check_data(self) -> None:
         super().check_data()
-        c, info = self.config, self.info
-        if c.model.num_classes > 0 and c.model.num_classes != info.num_classes:
-            raise ValueError(f"config.model.num_classes={c.model.num_classes} but dataset {info.name!r} has "
-                             f"{info.num_classes} classes; use -1 (the dataset's).")
+        self.check_num_classes()
 
     def train_resolutions(self):
         return [_hw(s) for s in self.config.data.image_sizes]

@@ -38,6 +38,7 @@ from jax.experimental import multihost_utils
 from evit_jax.models import layers
 from evit_jax.tasks import get_task
 from evit_jax.tasks.base import Task
+from evit_jax.tasks.config import schedule_lengths
 from evit_jax.train import checkpoint as ckpt_lib
 from evit_jax.train import exact_sum
 from evit_jax.train import mesh as mesh_lib
@@ -47,26 +48,6 @@ from evit_jax.train.state import TrainState, create_train_state, model_variables
 
 
 # ---------------------------------------------------------------------------- setup
-def schedule_lengths(config, train_examples: int) -> tuple[int, int]:
-    """(total_steps, warmup_steps). Default: (num_epochs + warmup_epochs) epochs of the train
-    split; ``total_steps`` > 0 overrides the length (warmup keeps its fraction of the run);
-    ``warmup_steps`` >= 0 overrides the warmup."""
-    epochs = config.num_epochs + config.warmup_epochs
-    if config.total_steps > 0:
-        total = int(config.total_steps)
-    else:
-        total = int(round(epochs * train_examples / config.global_batch_size))
-    if config.warmup_steps >= 0:
-        warmup = int(config.warmup_steps)
-    else:
-        warmup = int(round(total * config.warmup_epochs / epochs)) if epochs else 0
-    if total <= 0:
-        raise ValueError(f"the schedule has {total} steps; set --config.total_steps or num_epochs.")
-    if warmup > total:
-        raise ValueError(f"warmup_steps={warmup} exceeds total_steps={total}.")
-    return total, warmup
-
-
 def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -203,7 +184,7 @@ class Experiment:
             outputs, mutated = self.model.apply(
                 {"params": params, "batch_stats": state.batch_stats, **schedule}, inputs, train=True,
                 mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-            loss, metrics = self.task.loss_and_metrics(outputs, targets)
+            loss, metrics = self.task.train_loss_and_metrics(outputs, targets, state.step)
             if teacher_weight is not None:
                 teacher_loss = self._teacher_term(state, inputs, outputs, teacher_weight)
                 loss = loss + teacher_weight * teacher_loss
@@ -426,6 +407,8 @@ def _check_config(config) -> None:
         raise ValueError(f"config.log_every_steps={config.log_every_steps} must be positive.")
     if config.model.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"config.model.dtype={config.model.dtype!r}; use 'float32' or 'bfloat16'.")
+    if config.optim.name not in optim.OPTIMIZERS:
+        raise ValueError(f"config.optim.name={config.optim.name!r} is unknown; use one of {optim.OPTIMIZERS}.")
     from evit_jax.convert import hub  # train may import convert (layering)
 
     if config.init_from and hub.is_hub_spec(config.init_from):

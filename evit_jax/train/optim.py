@@ -1,4 +1,5 @@
-"""Optimizer, learning-rate schedule, weight-decay mask and EMA (the official ImageNet recipe).
+"""Optimizer, learning-rate schedule, weight-decay mask and EMA (the official ImageNet recipe;
+SGD with momentum for YOLOX's detection recipe, see :func:`create_optimizer`).
 
 Recipe (mit-han-lab/efficientvit `apps/trainer`, `apps/utils/{lr,ema}.py`):
 * AdamW(b1=0.9, b2=0.999, eps=1e-8), weight decay 0.1, none on parameters whose name
@@ -57,22 +58,40 @@ def peak_learning_rate(base_lr: float, global_batch: int, reference_batch: int) 
     return base_lr * global_batch / reference_batch
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def create_optimizer(optim_config: Any, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
-    """clip-by-value -> AdamW with the weight-decay mask."""
+    """clip-by-value -> the optimizer ``optim_config.name`` with the weight-decay mask:
+
+    * "adamw": AdamW (decoupled weight decay, scaled by the lr), the official EfficientViT recipe;
+    * "sgd": PyTorch's ``torch.optim.SGD(momentum, nesterov, weight_decay)`` (YOLOX's optimizer): the
+      decay is L2 added to the gradient before the momentum, buffer = momentum * buffer + gradient,
+      update = lr * (gradient + momentum * buffer) with nesterov, else lr * buffer.
+    """
+    name = getattr(optim_config, "name", "adamw")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"config.optim.name={name!r} is unknown; use one of {OPTIMIZERS}.")
     mask = weight_decay_mask(params, tuple(optim_config.no_decay_keys))
     parts = []
     if optim_config.grad_clip_value and optim_config.grad_clip_value > 0:
         parts.append(optax.clip(optim_config.grad_clip_value))
-    parts.append(
-        optax.adamw(
-            learning_rate=schedule,
-            b1=optim_config.b1,
-            b2=optim_config.b2,
-            eps=optim_config.eps,
-            weight_decay=optim_config.weight_decay,
-            mask=mask,
+    if name == "sgd":
+        if optim_config.weight_decay:
+            parts.append(optax.add_decayed_weights(optim_config.weight_decay, mask))
+        parts.append(optax.sgd(learning_rate=schedule, momentum=optim_config.momentum or None,
+                               nesterov=bool(optim_config.nesterov)))
+    else:
+        parts.append(
+            optax.adamw(
+                learning_rate=schedule,
+                b1=optim_config.b1,
+                b2=optim_config.b2,
+                eps=optim_config.eps,
+                weight_decay=optim_config.weight_decay,
+                mask=mask,
+            )
         )
-    )
     return optax.chain(*parts)
 
 
