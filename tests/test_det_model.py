@@ -44,7 +44,8 @@ def _params(name: str, **kw) -> dict:
 
 def test_zoo_lists_the_detectors():
     names = [f"efficientvit_det_{v}" for v in VARIANTS] + [f"efficientvit_v1_det_{v}" for v in VARIANTS]
-    assert list_models("detection") == sorted(names)
+    # (other tests may register stand-in detectors under other names)
+    assert [n for n in list_models("detection") if n.startswith("efficientvit_")] == sorted(names)
     spec = get_model_spec("efficientvit-v1-det-b1")
     assert (spec.task, spec.variant, spec.num_classes, spec.dataset, spec.design) == (
         "detection", "b1", 80, "coco", "v1")
