@@ -2,9 +2,9 @@
 
     python -m evit_jax.main --config=configs/demo_det.py --workdir=/tmp/evit_det_demo
 
-Trained from scratch; reaches AP50 0.827 (AP 0.549) on the 300 held-out scenes; the whole command took
-12 min 21 s on the shared 2-core CPU dev machine at load average 2.4-4 (dataset build included; 17 min
-under heavier load; measured figures and conditions: docs/detection.md, "Demo"). ``configs/demo_det.py:smoke`` is a seconds-long variant on the 64-px
+Trained from scratch; reaches AP50 0.865 (AP 0.621) on the 300 held-out scenes; the whole command took
+6 min 45 s on the otherwise idle 2-core CPU dev machine (dataset build included; 12-17 min on the machine
+shared with other jobs; measured figures and conditions: docs/detection.md, "Demo"). ``configs/demo_det.py:smoke`` is a seconds-long variant on the 64-px
 `evit_det_shapes/tiny` used by the tests.
 """
 

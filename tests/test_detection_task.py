@@ -399,3 +399,30 @@ def test_det_bench_runs_the_coco_recipe_on_random_batches_of_the_spec():
     assert (x1 >= 0).all() and (x2 <= 96).all() and (x2 - x1 >= 8).all() and (y1 >= 0).all() and (y2 <= 96).all()
     with pytest.raises(ValueError, match="det_bench takes a detection model"):
         det_bench.bench_config("efficientvit_b1", 4, 96)
+
+
+def test_init_from_classification_checkpoint_loads_only_the_backbone(data_dir, tmp_path):
+    """`--config.init_from` an ImageNet B0 (the COCO recipe's start): only the backbone is taken, the
+    neck and head keep their fresh initialisation; a detection checkpoint of this model loads whole."""
+    from evit_jax.convert import save_variables
+    from evit_jax.models import create_model
+
+    def zeros_of(name, **kwargs):  # the structure is what matters: zeros of the right shapes, no compile
+        model = create_model(name, **kwargs)
+        shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 64, 64, 3)), train=False), jax.random.key(1))
+        return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+    task = task_for(smoke_config(data_dir))
+    cls_vars = zeros_of("efficientvit_b0")
+    save_variables(cls_vars, tmp_path / "cls", "efficientvit_b0")
+    loaded = task.load_init_variables(str(tmp_path / "cls"))
+    assert set(loaded["params"]) == {"backbone"}
+    assert (jax.tree_util.tree_structure(loaded["params"]["backbone"])
+            == jax.tree_util.tree_structure(cls_vars["params"]["backbone"]))
+    assert task.keeps_fresh_init("params/neck/x") and task.keeps_fresh_init("batch_stats/head/x")
+    assert not task.keeps_fresh_init("params/backbone/x")
+
+    det_vars = zeros_of(task.model_name, num_classes=task.num_classes)
+    save_variables(det_vars, tmp_path / "det", task.model_name, num_classes=task.num_classes)
+    full = task.load_init_variables(str(tmp_path / "det"))
+    assert set(full["params"]) == {"backbone", "neck", "head"} and not task.keeps_fresh_init("params/head/x")

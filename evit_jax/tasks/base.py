@@ -182,7 +182,8 @@ class Task(abc.ABC):
         Default: the task's own model, with its number of classes; with ``reinit_classifier``
         a checkpoint with another number of classes (e.g. ImageNet's 1000) is accepted and its
         classifier is replaced by the loop. Tasks that can start from another model's weights
-        (segmentation from an ImageNet backbone) override this and :meth:`keeps_fresh_init`.
+        (segmentation, detection from an ImageNet backbone: :class:`BackboneInitMixin`) override this and
+        :meth:`keeps_fresh_init`.
         """
         from evit_jax.convert import load_variables  # tasks may import convert (layering)
 
@@ -385,3 +386,51 @@ class DatasetTask(Task):
             raise ValueError(f"the published facts know whole splits, not {d.train_split!r}; "
                              "give the schedule with --config.total_steps=N.")
         return self.info.split_sizes[d.train_split]
+
+
+class BackboneInitMixin:
+    """``init_from`` for the dense tasks (segmentation, detection): a checkpoint of the task's own
+    model loads whole; a CLASSIFICATION (or bare backbone) checkpoint of the same variant loads only
+    the backbone, and the rest of the model (neck, head) keeps its fresh initialisation."""
+
+    def load_init_variables(self, path: str, use_ema: bool = False) -> dict:
+        """Variables for ``--config.init_from``: the task's model with its number of classes (with
+        ``reinit_classifier`` also with the checkpoint's own, whose classifier the loop then
+        re-initialises); else ``{"params": {"backbone": ...}, "batch_stats": {"backbone": ...}}``
+        from the ``efficientvit_<variant>`` classifier or backbone. One ValueError listing every
+        attempt when nothing fits."""
+        from absl import logging
+
+        from evit_jax.convert import load_variables  # tasks may import convert (layering)
+
+        spec = get_model_spec(self.model_name)
+        errors = []
+        self._backbone_only = False
+        attempts = [dict(num_classes=self.num_classes)]
+        if self.config.reinit_classifier:
+            attempts.append({})
+        for kwargs in attempts:
+            try:
+                return load_variables(path, spec.name, use_ema=use_ema, **kwargs)
+            except ValueError as e:
+                errors.append(f"as {spec.name}{' (' + str(self.num_classes) + ' classes)' if kwargs else ''}: {e}")
+        for candidate in (f"efficientvit_{spec.variant}", f"efficientvit_backbone_{spec.variant}"):
+            try:
+                loaded = load_variables(path, candidate, use_ema=use_ema)
+            except ValueError as e:
+                errors.append(f"as {candidate}: {e}")
+                continue
+            params, stats = loaded.get("params", {}), loaded.get("batch_stats", {})
+            logging.info("init_from %s: %s checkpoint, loading only its backbone into %s.", path, candidate, spec.name)
+            self._backbone_only = True
+            return {"params": {"backbone": params.get("backbone", params)},
+                    "batch_stats": {"backbone": stats.get("backbone", stats)}}
+        hint = ("" if self.config.reinit_classifier else f" (a {spec.task} checkpoint with another number of "
+                "classes loads with --config.reinit_classifier=True)")
+        raise ValueError(f"init_from={path!r} fits neither {spec.name} nor the efficientvit_{spec.variant} "
+                         f"backbone{hint}: " + " | ".join(errors))
+
+    def keeps_fresh_init(self, path: str) -> bool:
+        """True, after a backbone-only init, for every variable outside the backbone (``path`` is
+        "params/..." or "batch_stats/...")."""
+        return getattr(self, "_backbone_only", False) and not path.split("/", 1)[-1].startswith("backbone/")

@@ -50,7 +50,7 @@ from evit_jax.data import coco, det_transforms, pipeline, sources
 from evit_jax.data.transforms import normalize_images
 from evit_jax.models.det import detection_grid
 from evit_jax.tasks import det_loss, det_metrics, det_postprocess
-from evit_jax.tasks.base import DatasetTask
+from evit_jax.tasks.base import BackboneInitMixin, DatasetTask
 from evit_jax.tasks.config import schedule_lengths
 
 ASSIGNERS = {"yolox_0.3.0": det_loss.YOLOX_0_3_0, "yolox_2023": det_loss.YOLOX_2023}
@@ -75,7 +75,7 @@ def combined_loss(metrics: Mapping[str, jax.Array], l1_weight: jax.Array) -> jax
     return metrics["iou_loss"] + metrics["obj_loss"] + metrics["cls_loss"] + l1_weight * metrics["l1_loss"]
 
 
-class DetectionTask(DatasetTask):
+class DetectionTask(BackboneInitMixin, DatasetTask):
     """See the module docstring. Config keys: ``model``, ``data`` (``image_sizes`` = training sizes,
     ``max_boxes``, the augmentation's probabilities and ranges, ``no_aug_epochs``, ``eval_image_size``),
     ``loss.assigner``, ``postprocess.*``."""

@@ -43,9 +43,8 @@ from absl import logging
 
 from evit_jax import interpolation
 from evit_jax.data import pipeline, seg_transforms, sources
-from evit_jax.models import get_model_spec
 from evit_jax.tasks import seg_metrics
-from evit_jax.tasks.base import DatasetTask
+from evit_jax.tasks.base import BackboneInitMixin, DatasetTask
 from evit_jax.data.transforms import normalize_images
 
 EVAL_PROTOCOLS = ("cityscapes", "ade20k", "none")
@@ -160,7 +159,7 @@ def _sanitize(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------- the task
-class SegmentationTask(DatasetTask):
+class SegmentationTask(BackboneInitMixin, DatasetTask):
     """See the module docstring. Config keys: ``model``, ``data`` (``image_sizes`` = train
     crops, ``scale_range``, ``base_size``, ``hflip``, ``photometric``, ``eval_protocol``,
     ``eval_crop_size``), ``loss.upsample``."""
@@ -270,55 +269,6 @@ class SegmentationTask(DatasetTask):
     def is_classifier_param(self, path: str) -> bool:
         # The output convs of SegHead; only leaves whose shape depends on num_classes differ.
         return path.startswith("head/output_ops_0_op_list_")
-
-    # -- initialisation from converted weights -------------------------------------------
-    def load_init_variables(self, path: str, use_ema: bool = False) -> dict:
-        """Variables for ``--config.init_from``.
-
-        A segmentation checkpoint of this model loads whole. Otherwise the checkpoint is read
-        as the classification model (then the bare backbone) of the same variant and only its
-        backbone is returned: ``{"params": {"backbone": ...}, "batch_stats": {"backbone": ...}}``;
-        the head keeps its fresh init (:meth:`keeps_fresh_init`). Raises one ValueError
-        listing every attempt when nothing fits.
-        """
-        from evit_jax.convert import load_variables  # tasks may import convert (layering)
-
-        spec = get_model_spec(self.model_name)
-        errors = []
-        self._backbone_only = False
-        # A seg checkpoint with this task's classes; with reinit_classifier also one with its
-        # own number of classes (its output conv is then re-initialised by the loop).
-        attempts = [dict(num_classes=self.num_classes)]
-        if self.config.reinit_classifier:
-            attempts.append({})
-        for kwargs in attempts:
-            try:
-                return load_variables(path, spec.name, use_ema=use_ema, **kwargs)
-            except ValueError as e:
-                errors.append(f"as {spec.name}{' (' + str(self.num_classes) + ' classes)' if kwargs else ''}: {e}")
-        for candidate in (f"efficientvit_{spec.variant}", f"efficientvit_backbone_{spec.variant}"):
-            try:
-                loaded = load_variables(path, candidate, use_ema=use_ema)
-            except ValueError as e:
-                errors.append(f"as {candidate}: {e}")
-                continue
-            params = loaded.get("params", {})
-            stats = loaded.get("batch_stats", {})
-            backbone = {"params": {"backbone": params.get("backbone", params)},
-                        "batch_stats": {"backbone": stats.get("backbone", stats)}}
-            logging.info("init_from %s: %s checkpoint, loading only its backbone into %s.",
-                         path, candidate, spec.name)
-            self._backbone_only = True
-            return backbone
-        hint = ("" if self.config.reinit_classifier else " (a segmentation checkpoint with another number of "
-                "classes loads with --config.reinit_classifier=True)")
-        raise ValueError(f"init_from={path!r} fits neither {spec.name} nor the efficientvit_{spec.variant} "
-                         f"backbone{hint}: " + " | ".join(errors))
-
-    def keeps_fresh_init(self, path: str) -> bool:
-        """True for variables a backbone-only init leaves freshly initialised (the head).
-        ``path`` is "params/head/..." or "batch_stats/head/..."."""
-        return getattr(self, "_backbone_only", False) and path.split("/", 1)[-1].startswith("head/")
 
     def finalize_eval(self, sums: Mapping[str, np.ndarray],
                       records: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
