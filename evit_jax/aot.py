@@ -281,7 +281,7 @@ def find_max_batch(config, topology: str, *, step: int = 8, published_facts: boo
                    probe: Callable[[Any, int], int | None] | None = None) -> dict:
     """The largest per-chip training batch (a multiple of ``step``) whose train step at the largest
     training resolution fits in the chip's memory. Compiles a few sizes: a linear model of memory in
-    the batch proposes the next size, bisection between the largest fitting and smallest failing
+    the batch proposes the next size (at most double the largest that fits), bisection between the largest fitting and smallest failing
     sizes guarantees the end. ``probe(config, per_chip)`` -> total bytes per chip or None when it
     does not fit (default: compile for ``topology``)."""
     from evit_jax.tools import chips as chip_table
@@ -329,8 +329,13 @@ def find_max_batch(config, topology: str, *, step: int = 8, published_facts: boo
             slope = (tried[b1] - tried[b0]) / (b1 - b0)
             if slope > 0:
                 guess = int((capacity - tried[b1]) / slope + b1) // step * step
+        if guess is not None and guess <= lo:
+            guess = lo + step  # the line puts the limit at lo: one probe confirms it
         if hi is None:
-            nxt = guess if guess and guess > lo else 2 * lo
+            # At most double: where the compiler changes its schedule, memory flattens out and the line
+            # points far past the limit (B1 on v5e-16: 14.61 GiB at 432 per chip, 14.64 at 480, and a
+            # proposal of 2472; 1016 was the largest that fit).
+            nxt = min(guess, 2 * lo) if guess else 2 * lo
         else:
             mid = (lo + hi) // 2 // step * step
             nxt = guess if guess and lo < guess < hi else mid
