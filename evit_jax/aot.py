@@ -281,8 +281,8 @@ def find_max_batch(config, topology: str, *, step: int = 8, published_facts: boo
                    probe: Callable[[Any, int], int | None] | None = None) -> dict:
     """The largest per-chip training batch (a multiple of ``step``) whose train step at the largest
     training resolution fits in the chip's memory. Compiles a few sizes: a linear model of memory in
-    the batch proposes the next size (at most double the largest that fits), bisection between the largest fitting and smallest failing
-    sizes guarantees the end. ``probe(config, per_chip)`` -> total bytes per chip or None when it
+    the batch proposes the next size (at most double the largest that fits), and bisection between
+    the largest fitting and smallest failing sizes guarantees the end. ``probe(config, per_chip)`` -> total bytes per chip or None when it
     does not fit (default: compile for ``topology``)."""
     from evit_jax.tools import chips as chip_table
     from evit_jax.train import loop
@@ -339,12 +339,7 @@ def find_max_batch(config, topology: str, *, step: int = 8, published_facts: boo
         else:
             mid = (lo + hi) // 2 // step * step
             nxt = guess if guess and lo < guess < hi else mid
-            if nxt <= lo:
-                nxt = lo + step
-        if nxt in tried:
-            nxt = (lo + (hi or 2 * lo)) // 2 // step * step
-            if nxt in tried or nxt <= lo:
-                break
+        # Every size is a multiple of step, so nxt lies strictly between lo and hi: never a size tried.
         per_chip = nxt
     if lo == 0:
         raise DoesNotFit(f"not even {step} images per chip fit in the {chip.hbm_gib:.0f} GiB of a {chip.name} chip; "

@@ -409,14 +409,13 @@ def test_init_from_classification_checkpoint_loads_only_the_backbone(data_dir, t
     neck and head keep their fresh initialisation; a detection checkpoint of this model loads whole."""
     from evit_jax.convert import save_variables
     from evit_jax.models import create_model
+    from evit_jax.models.random_weights import random_variables
 
-    def zeros_of(name, **kwargs):  # the structure is what matters: zeros of the right shapes, no compile
-        model = create_model(name, **kwargs)
-        shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 64, 64, 3)), train=False), jax.random.key(1))
-        return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    def variables_of(name, **kwargs):  # structure is all that matters here: no initialiser is compiled
+        return random_variables(create_model(name, **kwargs), (1, 64, 64, 3))
 
     task = task_for(smoke_config(data_dir))
-    cls_vars = zeros_of("efficientvit_b0")
+    cls_vars = variables_of("efficientvit_b0")
     save_variables(cls_vars, tmp_path / "cls", "efficientvit_b0")
     loaded = task.load_init_variables(str(tmp_path / "cls"))
     assert set(loaded["params"]) == {"backbone"}
@@ -425,7 +424,7 @@ def test_init_from_classification_checkpoint_loads_only_the_backbone(data_dir, t
     assert task.keeps_fresh_init("params/neck/x") and task.keeps_fresh_init("batch_stats/head/x")
     assert not task.keeps_fresh_init("params/backbone/x")
 
-    det_vars = zeros_of(task.model_name, num_classes=task.num_classes)
+    det_vars = variables_of(task.model_name, num_classes=task.num_classes)
     save_variables(det_vars, tmp_path / "det", task.model_name, num_classes=task.num_classes)
     full = task.load_init_variables(str(tmp_path / "det"))
     assert set(full["params"]) == {"backbone", "neck", "head"} and not task.keeps_fresh_init("params/head/x")

@@ -394,26 +394,20 @@ class BackboneInitMixin:
     the backbone, and the rest of the model (neck, head) keeps its fresh initialisation."""
 
     def load_init_variables(self, path: str, use_ema: bool = False) -> dict:
-        """Variables for ``--config.init_from``: the task's model with its number of classes (with
-        ``reinit_classifier`` also with the checkpoint's own, whose classifier the loop then
-        re-initialises); else ``{"params": {"backbone": ...}, "batch_stats": {"backbone": ...}}``
-        from the ``efficientvit_<variant>`` classifier or backbone. One ValueError listing every
-        attempt when nothing fits."""
+        """Variables for ``--config.init_from``: the task's own model as :meth:`Task.load_init_variables`
+        reads it; else ``{"params": {"backbone": ...}, "batch_stats": {"backbone": ...}}`` from the
+        ``efficientvit_<variant>`` classifier or backbone. One ValueError listing every attempt when
+        nothing fits."""
         from absl import logging
 
         from evit_jax.convert import load_variables  # tasks may import convert (layering)
 
         spec = get_model_spec(self.model_name)
-        errors = []
         self._backbone_only = False
-        attempts = [dict(num_classes=self.num_classes)]
-        if self.config.reinit_classifier:
-            attempts.append({})
-        for kwargs in attempts:
-            try:
-                return load_variables(path, spec.name, use_ema=use_ema, **kwargs)
-            except ValueError as e:
-                errors.append(f"as {spec.name}{' (' + str(self.num_classes) + ' classes)' if kwargs else ''}: {e}")
+        try:
+            return super().load_init_variables(path, use_ema)
+        except ValueError as e:
+            errors = [f"as {spec.name}: {e}"]
         for candidate in (f"efficientvit_{spec.variant}", f"efficientvit_backbone_{spec.variant}"):
             try:
                 loaded = load_variables(path, candidate, use_ema=use_ema)
