@@ -25,6 +25,11 @@ HloModule jit_step, is_scheduled=true
   ROOT %n = f32[8,128]{1,0:T(8,128)} negate(%p0)
 }
 
+%async_collective_fusion.1 (p1: f32[8,128]) -> f32[32,128] {
+  %p1 = f32[8,128]{1,0} parameter(0)
+  ROOT %reduce-scatter.9 = f32[2,128]{1,0} reduce-scatter(%p1), channel_id=3, dimensions={0}, to_apply=%add
+}
+
 ENTRY %main (a: f32[8,128], b: bf16[4,256]) -> f32[32,128] {
   %a = f32[8,128]{1,0:T(8,128)} parameter(0)
   %b = bf16[4,256]{1,0} parameter(1)
@@ -41,11 +46,13 @@ ENTRY %main (a: f32[8,128], b: bf16[4,256]) -> f32[32,128] {
 def test_collectives_parsed_from_hlo_text():
     found = hlo_stats.collectives(_HLO)
     by_kind = {c.kind: c for c in found}
-    assert [c.kind for c in found] == ["all-reduce", "all-gather", "reduce-scatter", "collective-permute"]
+    # The reduce-scatter is written twice (an async collective fusion's clone first, same channel id).
+    assert [c.kind for c in found] == ["reduce-scatter", "all-reduce", "all-gather", "collective-permute"]
     assert by_kind["all-reduce"].bytes == 8 * 128 * 4 + 4 * 256 * 2          # both operands of the tuple
     assert by_kind["all-gather"].bytes == 32 * 128 * 4                       # the gathered result, counted once
     assert by_kind["all-gather"].arrays == (("f32", (8, 128)), ("f32", (32, 128)))
     assert by_kind["reduce-scatter"].bytes == 8 * 128 * 4                    # its full operand
+    assert by_kind["reduce-scatter"].name == "reduce-scatter.9"              # counted once
     assert by_kind["collective-permute"].bytes == 8 * 128 * 4
     summary = hlo_stats.summarize(found)
     assert summary["all-gather"] == {"count": 1, "bytes": 16384} and summary["all-to-all"]["count"] == 0
@@ -179,6 +186,9 @@ def register_test_models() -> None:
                 x = nn.Conv(width, (3, 3), strides=2, use_bias=False, dtype=self.dtype, name=f"conv{i}")(x)
                 x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype, name=f"norm{i}")(x)
                 x = nn.relu(x)
+            # A depthwise conv, as in every MBConv: with its kernel sharded over channels, XLA re-lays
+            # the activation from batch- to channel-sharded unless the kernel is gathered first.
+            x = nn.Conv(256, (3, 3), feature_group_count=256, use_bias=False, dtype=self.dtype, name="depthwise")(x)
             if self.dense_head:
                 return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x.mean(axis=(1, 2))).astype(jnp.float32)
             x = nn.Conv(256, (3, 3), strides=2, use_bias=False, dtype=self.dtype, name="conv2")(x)
@@ -199,9 +209,13 @@ from tests.test_aot import register_test_models
 register_test_models()
 _, devices = aot.topology_devices("v5e:2x2")
 out = {}
-for task, base, model in (("cls", demo.get_config("smoke"), "aot_test_cls"),
-                          ("seg", demo_seg.get_config("smoke"), "aot_test_seg")):
-    for strategy in ("replicated", "fsdp"):
+teacher = demo.get_config("smoke")
+teacher.mesa.ratio = 2.0  # the EMA teacher forward of L1-L3's recipe
+for task, base, model, strategies in (
+        ("cls", demo.get_config("smoke"), "aot_test_cls", ("replicated", "fsdp")),
+        ("seg", demo_seg.get_config("smoke"), "aot_test_seg", ("replicated", "fsdp")),
+        ("cls_teacher", teacher, "aot_test_cls", ("fsdp",))):
+    for strategy in strategies:
         config = base.copy_and_resolve_references()
         config.model.name, config.sharding.strategy = model, strategy
         config.global_batch_size = config.eval_batch_size = 16
@@ -272,12 +286,16 @@ def test_data_parallel_step_reduces_gradients_only(compiled_steps, task):
     assert gradients <= reduced <= gradients + 64 * 1024, (reduced, gradients)
 
 
-@pytest.mark.parametrize("task", ["cls", "seg"])
+@pytest.mark.parametrize("task", ["cls", "seg", "cls_teacher"])
 def test_fsdp_step_gathers_the_sharded_parameters(compiled_steps, task):
     """FSDP: every parameter the rules shard is all-gathered whole (in its compute dtype); every
-    all-gather is one of them (none of images or activations); the gradients of all parameters are
+    all-gather is one of them (none of images or activations) and no activation is re-laid across
+    devices (no all-to-all: the EMA teacher of ``cls_teacher`` read the sharded EMA weights and moved
+    its activations before its forward gathered them too); the gradients of all parameters are
     reduced (all-reduce or reduce-scatter)."""
     step = compiled_steps[f"{task}/fsdp"]
+    kinds = {c["kind"] for c in step["collectives"]}
+    assert kinds <= {"all-gather", "all-reduce", "reduce-scatter"}, kinds
     sharded = [p for p in step["params"] if p["sharded"]]
     assert sharded, step["params"]
     gathered = [_size(dims) for c in step["collectives"] if c["kind"] == "all-gather" for _, dims in c["arrays"]]

@@ -152,11 +152,22 @@ class Experiment:
         done = jnp.maximum(jnp.asarray(step, jnp.float32) - self.warmup_steps, 0.0)
         return jnp.minimum(done / decay_steps, 1.0)
 
+    def _whole(self, variables: Any) -> Any:
+        """``variables`` as every forward pass must see them under ``strategy=fsdp`` (ZeRO-3): each
+        parameter gathered whole for the computation (in the backward, its gradient is reduced back
+        onto its shard); unchanged otherwise. Left to choose, XLA moves activations instead: for a
+        kernel sharded on its input dimension, and for every depthwise kernel of a forward that
+        reads sharded weights (L1-L3's EMA teacher re-laid each expanded MBConv activation from
+        batch- to channel-sharded with all-to-alls)."""
+        if self.strategy != "fsdp":
+            return variables
+        return jax.lax.with_sharding_constraint(variables, mesh_lib.replicated_sharding(self.mesh))
+
     def _teacher_term(self, state: TrainState, inputs: Any, outputs: Any, weight: jax.Array) -> jax.Array:
         """task.teacher_loss against the EMA model (eval mode, no gradient) on the same inputs;
         the EMA forward runs only while ``weight`` > 0 (0 otherwise)."""
         def with_teacher():
-            teacher = self.model.apply(model_variables(state, use_ema=True), inputs, train=False)
+            teacher = self.model.apply(self._whole(model_variables(state, use_ema=True)), inputs, train=False)
             return jnp.asarray(self.task.teacher_loss(outputs, jax.lax.stop_gradient(teacher)), jnp.float32)
 
         return jax.lax.cond(weight > 0, with_teacher, lambda: jnp.zeros((), jnp.float32))
@@ -176,11 +187,7 @@ class Experiment:
         teacher_weight = self.task.teacher_weight(progress)
 
         def loss_fn(params):
-            if self.strategy == "fsdp":
-                # ZeRO-3: every parameter is gathered whole for the computation (its gradient is then
-                # reduced back onto its shard). Left to choose, XLA may instead move activations
-                # between devices for a kernel sharded on its input (contracted) dimension.
-                params = jax.lax.with_sharding_constraint(params, mesh_lib.replicated_sharding(self.mesh))
+            params = self._whole(params)
             outputs, mutated = self.model.apply(
                 {"params": params, "batch_stats": state.batch_stats, **schedule}, inputs, train=True,
                 mutable=["batch_stats"], rngs={"dropout": dropout_rng})
@@ -211,7 +218,7 @@ class Experiment:
         """(summable statistics, per-example records, mask) of one global eval batch (traced
         under jit; outputs replicated). Without records (the default) the mask is None."""
         inputs, targets = self.task.preprocess_eval(batch)
-        outputs = self.model.apply(variables, inputs, train=False)
+        outputs = self.model.apply(self._whole(variables), inputs, train=False)
         stats = self.task.eval_statistics(outputs, targets, batch["mask"])
         records = dict(self.task.eval_records(outputs, targets, batch) or {})
         size = batch["mask"].shape[0]
@@ -292,7 +299,8 @@ class Experiment:
         official reset_bn forward (traced under jit; the means are over the global batch, i.e.
         synchronised across devices and hosts)."""
         inputs = self.task.preprocess_bn_reestimation(batch)
-        _, moments = self.model.apply(variables, inputs, train=False, mutable=[layers.BN_MOMENTS_COLLECTION])
+        _, moments = self.model.apply(self._whole(variables), inputs, train=False,
+                                      mutable=[layers.BN_MOMENTS_COLLECTION])
         return moments.get(layers.BN_MOMENTS_COLLECTION, {})
 
     @functools.cached_property
