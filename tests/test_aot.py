@@ -1,7 +1,8 @@
 """Planning a TPU run without a TPU (evit_jax.aot): the collective parser against hand-written HLO,
 the slice table, the published dataset facts, the slice's host count, the batch search, and the
-trainer's real train steps compiled for a v5e:2x2 slice (libtpu) with their collectives checked
-against the sharding rules (evit_jax/train/mesh.py)."""
+trainer's real train steps (classification with and without the EMA teacher, segmentation,
+detection) compiled for a v5e:2x2 slice (libtpu) with their collectives checked against the
+sharding rules (evit_jax/train/mesh.py)."""
 
 from __future__ import annotations
 
@@ -202,11 +203,13 @@ _COMPILE = r"""
 import json
 from evit_jax import aot
 import jax
-from configs import demo, demo_seg
+from configs import demo, demo_det, demo_seg
 from evit_jax.train import hlo_stats, loop
+from tests._train_helpers import TINY_DET, register_tiny_model
 from tests.test_aot import register_test_models
 
 register_test_models()
+register_tiny_model()
 _, devices = aot.topology_devices("v5e:2x2")
 out = {}
 teacher = demo.get_config("smoke")
@@ -214,6 +217,7 @@ teacher.mesa.ratio = 2.0  # the EMA teacher forward of L1-L3's recipe
 for task, base, model, strategies in (
         ("cls", demo.get_config("smoke"), "aot_test_cls", ("replicated", "fsdp")),
         ("seg", demo_seg.get_config("smoke"), "aot_test_seg", ("replicated", "fsdp")),
+        ("det", demo_det.get_config("smoke"), TINY_DET, ("replicated", "fsdp")),
         ("cls_teacher", teacher, "aot_test_cls", ("fsdp",))):
     for strategy in strategies:
         config = base.copy_and_resolve_references()
@@ -274,7 +278,7 @@ def _size(dims) -> int:
     return int(np.prod(dims)) if len(dims) else 1
 
 
-@pytest.mark.parametrize("task", ["cls", "seg"])
+@pytest.mark.parametrize("task", ["cls", "seg", "det"])
 def test_data_parallel_step_reduces_gradients_only(compiled_steps, task):
     """Data parallel: every collective is an all-reduce, and they carry the float32 gradients of all
     parameters (plus the tiny BatchNorm statistics and metrics): no gather of images or activations."""
@@ -286,7 +290,7 @@ def test_data_parallel_step_reduces_gradients_only(compiled_steps, task):
     assert gradients <= reduced <= gradients + 64 * 1024, (reduced, gradients)
 
 
-@pytest.mark.parametrize("task", ["cls", "seg", "cls_teacher"])
+@pytest.mark.parametrize("task", ["cls", "seg", "det", "cls_teacher"])
 def test_fsdp_step_gathers_the_sharded_parameters(compiled_steps, task):
     """FSDP: every parameter the rules shard is all-gathered whole (in its compute dtype); every
     all-gather is one of them (none of images or activations) and no activation is re-laid across
@@ -299,8 +303,12 @@ def test_fsdp_step_gathers_the_sharded_parameters(compiled_steps, task):
     sharded = [p for p in step["params"] if p["sharded"]]
     assert sharded, step["params"]
     gathered = [_size(dims) for c in step["collectives"] if c["kind"] == "all-gather" for _, dims in c["arrays"]]
-    for p in sharded:
-        assert _size(p["shape"]) in gathered, (p, gathered)
+    # XLA rewrites the all-gather of a parameter of a few elements (the detector's 8-input objectness
+    # kernels) as an all-reduce of its zero-padded shard, combined with other small all-reduces.
+    reduced_arrays = [_size(dims) for c in step["collectives"] if c["kind"] == "all-reduce" for _, dims in c["arrays"]]
+    missing = [p["shape"] for p in sharded if _size(p["shape"]) not in gathered
+               and not (_size(p["shape"]) <= 64 and _size(p["shape"]) in reduced_arrays)]
+    assert not missing, (missing, gathered)
     param_sizes = {_size(p["shape"]) for p in step["params"]}
     shard_sizes = {s // 4 for s in param_sizes}
     for size in gathered:  # whole parameters, or the local shard an async gather starts from
