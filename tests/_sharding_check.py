@@ -1,4 +1,5 @@
-"""Run with 4 CPU devices (tests/test_train_sharding.py): sync-BN, fsdp vs replicated vs 1 device."""
+"""Run with 4 CPU devices (tests/test_train_sharding.py): sync-BN, fsdp vs replicated vs 1 device, and
+a CPU run unchanged by compiling for a TPU slice in the same process."""
 
 import json
 import sys
@@ -6,7 +7,7 @@ import sys
 import jax
 import numpy as np
 
-from tests._train_helpers import register_tiny_model
+from tests._train_helpers import TINY_EVIT, register_tiny_model
 
 register_tiny_model()
 from configs import demo  # noqa: E402
@@ -27,8 +28,8 @@ def config(strategy, model="tiny_test_cnn"):
     return c
 
 
-def train(strategy, devices):
-    e = loop.setup_experiment(config(strategy), devices=devices)
+def train(strategy, devices, model="tiny_test_cnn"):
+    e = loop.setup_experiment(config(strategy, model), devices=devices)
     # Mixing pairs examples within blocks of the batch, one per device: one device reproduces the
     # 4-device pairing by using 4 blocks.
     e.task.batch_shards = 4
@@ -90,6 +91,16 @@ def main():
     kernel = sf.params["head"]["op_list_3"]["linear"]["kernel"]
     out["fsdp_kernel_shard_shapes"] = sorted({tuple(s.data.shape) for s in kernel.addressable_shards})
     out["fsdp_kernel_shape"] = list(kernel.shape)
+
+    # Compiling the experiment for a TPU slice in this process, as evit_jax.aot does, changes nothing
+    # in a CPU run after it: same losses, bit for bit (an EfficientViT model, whose conv_impl the
+    # TPU compile sets to lax).
+    from evit_jax import aot
+    before = train("fsdp", devices, TINY_EVIT)[2]
+    _, tpu_devices = aot.topology_devices("v5e:2x2")
+    tpu = loop.setup_experiment(aot.for_tpu(config("fsdp", TINY_EVIT)), devices=tpu_devices)
+    tpu.compile_train_step(tpu.task.train_resolutions()[0])
+    out["evit_fsdp4_losses"] = {"before_tpu_compile": before, "after": train("fsdp", devices, TINY_EVIT)[2]}
 
     # The real model: which EfficientViT-B0 parameters fsdp shards (abstract, nothing compiled).
     eb0 = loop.setup_experiment(config("fsdp", "efficientvit_b0"), devices=devices)

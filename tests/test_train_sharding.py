@@ -51,3 +51,10 @@ def test_fsdp_really_shards_params_optimizer_state_and_ema(result):
 
 def test_fsdp_shards_nearly_all_of_efficientvit_b0(result):
     assert result["b0_sharded_fraction"] > 0.95
+
+
+def test_compiling_for_a_tpu_slice_changes_nothing_on_cpu(result):
+    """evit_jax.aot compiles the same Experiment for abstract TPU devices (libtpu) with conv_impl=lax;
+    a CPU run in the same process afterwards gives the same losses, bit for bit."""
+    losses = result["evit_fsdp4_losses"]
+    assert losses["after"] == losses["before_tpu_compile"], losses
