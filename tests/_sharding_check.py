@@ -92,15 +92,18 @@ def main():
     out["fsdp_kernel_shard_shapes"] = sorted({tuple(s.data.shape) for s in kernel.addressable_shards})
     out["fsdp_kernel_shape"] = list(kernel.shape)
 
-    # Compiling the experiment for a TPU slice in this process, as evit_jax.aot does, changes nothing
-    # in a CPU run after it: same losses, bit for bit (an EfficientViT model, whose conv_impl the
-    # TPU compile sets to lax).
+    # Compiling the experiment for a TPU slice in this process, as evit_jax.aot does, leaves the CPU
+    # run after it unchanged: same losses, bit for bit (whatever global state the TPU compile touches),
+    # and the caller's config keeps its conv_impl (aot.for_tpu sets lax on a copy; the tiny model pins
+    # lax itself, so the losses alone would not show a leak of that setting).
     from evit_jax import aot
     before = train("fsdp", devices, TINY_EVIT)[2]
     _, tpu_devices = aot.topology_devices("v5e:2x2")
-    tpu = loop.setup_experiment(aot.for_tpu(config("fsdp", TINY_EVIT)), devices=tpu_devices)
+    cpu_config = config("fsdp", TINY_EVIT)
+    tpu = loop.setup_experiment(aot.for_tpu(cpu_config), devices=tpu_devices)
     tpu.compile_train_step(tpu.task.train_resolutions()[0])
     out["evit_fsdp4_losses"] = {"before_tpu_compile": before, "after": train("fsdp", devices, TINY_EVIT)[2]}
+    out["conv_impl_after_tpu_compile"] = {"tpu": tpu.config.model.conv_impl, "cpu": cpu_config.model.conv_impl}
 
     # The real model: which EfficientViT-B0 parameters fsdp shards (abstract, nothing compiled).
     eb0 = loop.setup_experiment(config("fsdp", "efficientvit_b0"), devices=devices)

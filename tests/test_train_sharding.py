@@ -55,6 +55,8 @@ def test_fsdp_shards_nearly_all_of_efficientvit_b0(result):
 
 def test_compiling_for_a_tpu_slice_changes_nothing_on_cpu(result):
     """evit_jax.aot compiles the same Experiment for abstract TPU devices (libtpu) with conv_impl=lax;
-    a CPU run in the same process afterwards gives the same losses, bit for bit."""
+    a CPU run in the same process afterwards gives the same losses, bit for bit, and the config it
+    was given still says conv_impl=auto."""
     losses = result["evit_fsdp4_losses"]
     assert losses["after"] == losses["before_tpu_compile"], losses
+    assert result["conv_impl_after_tpu_compile"] == {"tpu": "lax", "cpu": "auto"}
