@@ -100,6 +100,7 @@ def main():
     before = train("fsdp", devices, TINY_EVIT)[2]
     _, tpu_devices = aot.topology_devices("v5e:2x2")
     cpu_config = config("fsdp", TINY_EVIT)
+    cpu_config.model.conv_impl = "auto"  # the smoke config pins lax; auto is what for_tpu must not change
     tpu = loop.setup_experiment(aot.for_tpu(cpu_config), devices=tpu_devices)
     tpu.compile_train_step(tpu.task.train_resolutions()[0])
     out["evit_fsdp4_losses"] = {"before_tpu_compile": before, "after": train("fsdp", devices, TINY_EVIT)[2]}
