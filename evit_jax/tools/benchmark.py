@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evit_jax import cli
+from evit_jax import cli, host_memory
 from evit_jax.models import flops
 from evit_jax.models import create_model, get_model_spec, list_models
 from evit_jax.models.fold import folded_model
@@ -332,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fold every BatchNorm into its conv before timing (evit_jax.models.fold)")
     p.add_argument("--all", action="store_true", help="print params and GMACs of every model as a Markdown table")
     p.add_argument("--no-retain-memory", action="store_true",
-                   help="keep glibc's default of unmapping freed blocks above 32 MiB "
-                        "(see evit_jax.tools.train_bench.retain_freed_memory)")
+                   help="keep glibc's default arenas, which map and unmap large blocks on every call "
+                        "(see evit_jax.host_memory)")
     return p
 
 
@@ -347,9 +347,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     if args.all:
         return model_table()
     if not args.no_retain_memory:
-        from evit_jax.tools.train_bench import retain_freed_memory  # noqa: PLC0415
-
-        retain_freed_memory()
+        host_memory.retain_freed_memory()
     return benchmark(args.model, args.batch, args.res, dtype=args.dtype, iters=args.iters, warmup=args.warmup,
                      compare_timm=args.compare_timm, peak=args.peak_tflops, conv_impl=args.conv_impl,
                      fold_bn=args.fold_bn, timm_compile=args.timm_compile)

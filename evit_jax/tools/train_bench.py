@@ -17,8 +17,6 @@ Prints images/s; nothing is asserted (not a test).
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import glob
 import gzip
 import json
@@ -32,12 +30,9 @@ import jax
 import numpy as np
 
 from evit_jax import cli
+from evit_jax.host_memory import retain_freed_memory
 from evit_jax.models import get_model_spec
 from evit_jax.tasks.classification import smooth_labels
-
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
 
 def torch_device() -> str:
     """Where the PyTorch reference runs: the GPU when JAX runs on one and torch sees it, else the CPU,
@@ -52,25 +47,6 @@ def synchronize(device: str) -> None:
         import torch
 
         torch.cuda.synchronize()
-
-
-def retain_freed_memory(limit_bytes: int = 2**30) -> bool:
-    """Makes glibc keep freed blocks of up to `limit_bytes` for reuse instead of unmapping them.
-
-    By default glibc serves every allocation above 32 MiB with a fresh mmap and returns it to the
-    kernel when freed, so an XLA:CPU executable (or a PyTorch step) that allocates its activations anew
-    on every call first-touches them again: one page fault per 4 KiB, which on the measured VM made a
-    batch-16 B1 train step ~20% slower and a 51 MB depthwise input gradient 3-5x slower
-    (docs/performance.md). Process-wide; returns False where mallopt is unavailable (not glibc).
-    """
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(limit_bytes))) and bool(
-        mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(limit_bytes)))
 
 
 def bench_config(model_name: str, batch: int, res: int, *, conv_impl: str = "auto", dtype: str = "float32"):
@@ -288,7 +264,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--profile", action="store_true",
                         help="also print where the evit_jax step's time goes (jax.profiler trace)")
     parser.add_argument("--no-retain-memory", action="store_true",
-                        help="keep glibc's default of unmapping freed blocks above 32 MiB (see retain_freed_memory)")
+                        help="keep glibc's default arenas, which map and unmap large blocks on every step "
+                             "(see evit_jax.host_memory)")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.res < 32 or args.res % 32 or args.steps < 1:
         raise ValueError("--batch and --steps must be >= 1 and --res a multiple of 32")
