@@ -1,17 +1,26 @@
-"""Host-memory settings that keep an XLA:CPU step from first-touching its buffers on every call.
+"""Host settings that keep an XLA:CPU step from first-touching its buffers on every call.
 
-An XLA:CPU executable allocates its temporaries (926 MiB for the batch-16 B1 train step) with malloc on
-each call, from a thread of JAX's runtime. glibc gives each such thread its own arena, and an arena
-other than the main one cannot hold a block above 64 MiB: it maps a fresh one and unmaps it on free.
-Every call therefore page-faults its whole working set in again (about 245,000 minor faults per B1
-step, a quarter of its time; docs/performance.md). One arena (`M_ARENA_MAX` = 1) serves those blocks
-from the main heap, with mmap off (`M_MMAP_MAX` = 0) and trimming off (`M_TRIM_THRESHOLD` = -1) they
-stay there once freed, and the next call reuses them. Production services often lower
-`MALLOC_ARENA_MAX` too (less memory held in idle arenas).
+An XLA:CPU executable mallocs its temporaries on each call: 926 MiB for the batch-16 B1 train step,
+2.9 GiB for L1's. glibc serves a block that large with a fresh mmap and unmaps it on free, so every
+call page-faults its whole working set in again (about 245,000 minor faults per B1 step, a third of its
+time; docs/performance.md). Two settings make the step reuse the same memory:
 
-Call :func:`retain_freed_memory` at the start of an entry point, before JAX starts its runtime (the
-first `jax.devices()`, `jit` call or array): a thread keeps the arena it was given, so a later call has
-no effect on the runtime's threads. Process-wide, and a no-op where the C library is not glibc.
+- JAX's CPU client runs a single-device computation on the thread that calls it
+  (`jax_cpu_enable_async_dispatch` = False), the Python main thread, whose malloc arena is the main
+  heap. With asynchronous dispatch it runs on a runtime thread, whose arena (any arena but the main one)
+  cannot hold a block above 64 MiB and maps it whatever the settings below say.
+- glibc serves no block by mmap (`M_MMAP_MAX` = 0) and never gives the heap's top back
+  (`M_TRIM_THRESHOLD` = -1): freed blocks stay in the heap for the next call. A high mmap threshold
+  cannot do this: mallopt's int stops at 2 GiB.
+
+Not done: one arena for every thread (`M_ARENA_MAX` = 1), which also removes the faults but serialises
+every thread's small allocations on one lock (the classification demo ran at half speed).
+
+Call :func:`retain_freed_memory` at the start of an entry point, before JAX creates its CPU client (the
+first `jax.devices()`, `jit` call or array): the dispatch mode is fixed when the client is created.
+Computations over several devices keep asynchronous dispatch (JAX's rule), so they run as before. The
+cost: the process's resident memory stays at its peak, and on CPU Python waits for each step to finish
+before it returns (the data pipeline prefetches in its own threads).
 """
 
 from __future__ import annotations
@@ -19,20 +28,19 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-# (parameter, value): one arena; no block served by mmap; never give the heap's top back (-1: the
-# largest size_t). A mmap threshold cannot do the second: mallopt's int cannot exceed 2 GiB, and L1's
-# step allocates 2.9 GiB.
-_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
+import jax
+
+# glibc mallopt parameters (malloc.h): no block served by mmap; never trim the heap (-1: the largest
+# size_t).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_SETTINGS = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
 
 
 def retain_freed_memory() -> bool:
-    """Makes glibc serve every thread's blocks from the main heap and keep freed ones for reuse.
-
-    The process's resident memory then stays at its peak instead of shrinking between steps. Returns
-    whether every setting was applied (False where mallopt is unavailable: not glibc).
-    """
+    """Makes single-device CPU computations run on the calling thread and glibc keep freed blocks in the
+    heap for reuse (module docstring). Returns whether the malloc settings were applied (False where
+    mallopt is unavailable: not glibc)."""
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError, TypeError):
