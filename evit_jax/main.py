@@ -205,8 +205,8 @@ def _quiet_orbax(record) -> bool:
 def main(argv):
     del argv  # checked by _parse_flags
     logging.get_absl_logger().addFilter(_quiet_orbax)
-    # Before JAX starts its runtime threads: an XLA:CPU step then reuses its buffers instead of
-    # page-faulting them in on every step (evit_jax/host_memory.py).
+    # Before JAX creates its CPU client: a CPU step then reuses its buffers instead of page-faulting
+    # them in on every step (evit_jax/host_memory.py).
     from evit_jax import host_memory
 
     host_memory.retain_freed_memory()
