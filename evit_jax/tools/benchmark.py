@@ -332,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fold every BatchNorm into its conv before timing (evit_jax.models.fold)")
     p.add_argument("--all", action="store_true", help="print params and GMACs of every model as a Markdown table")
     p.add_argument("--no-retain-memory", action="store_true",
-                   help="keep glibc's default arenas, which map and unmap large blocks on every call "
-                        "(see evit_jax.host_memory)")
+                   help="keep JAX's asynchronous CPU dispatch and glibc's malloc defaults, which "
+                        "page-fault large blocks in on every call (see evit_jax.host_memory)")
     return p
 
 

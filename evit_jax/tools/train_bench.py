@@ -34,6 +34,7 @@ from evit_jax.host_memory import retain_freed_memory
 from evit_jax.models import get_model_spec
 from evit_jax.tasks.classification import smooth_labels
 
+
 def torch_device() -> str:
     """Where the PyTorch reference runs: the GPU when JAX runs on one and torch sees it, else the CPU,
     so that a --compare-timm ratio always compares the two frameworks on the same hardware."""
@@ -264,8 +265,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--profile", action="store_true",
                         help="also print where the evit_jax step's time goes (jax.profiler trace)")
     parser.add_argument("--no-retain-memory", action="store_true",
-                        help="keep glibc's default arenas, which map and unmap large blocks on every step "
-                             "(see evit_jax.host_memory)")
+                        help="keep JAX's asynchronous CPU dispatch and glibc's malloc defaults, which "
+                             "page-fault large blocks in on every step (see evit_jax.host_memory)")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.res < 32 or args.res % 32 or args.steps < 1:
         raise ValueError("--batch and --steps must be >= 1 and --res a multiple of 32")

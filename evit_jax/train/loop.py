@@ -155,8 +155,8 @@ class Experiment:
     def _whole(self, variables: Any) -> Any:
         """``variables`` as every forward pass must see them under ``strategy=fsdp`` (ZeRO-3): each
         parameter gathered whole for the computation (in the backward the compiler all-reduces the
-        whole gradient and keeps each device's shard; docs/aot.md); unchanged otherwise. Left to choose, XLA moves activations instead: for a
-        kernel sharded on its input dimension, and for every depthwise kernel of a forward that
+        whole gradient and keeps each device's shard; docs/aot.md); unchanged otherwise. Left to
+        choose, XLA moves activations instead: for a kernel sharded on its input dimension, and for every depthwise kernel of a forward that
         reads sharded weights (L1-L3's EMA teacher re-laid each expanded MBConv activation from
         batch- to channel-sharded with all-to-alls)."""
         if self.strategy != "fsdp":
