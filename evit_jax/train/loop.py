@@ -156,9 +156,9 @@ class Experiment:
         """``variables`` as every forward pass must see them under ``strategy=fsdp`` (ZeRO-3): each
         parameter gathered whole for the computation (in the backward the compiler all-reduces the
         whole gradient and keeps each device's shard; docs/aot.md); unchanged otherwise. Left to
-        choose, XLA moves activations instead: for a kernel sharded on its input dimension, and for every depthwise kernel of a forward that
-        reads sharded weights (L1-L3's EMA teacher re-laid each expanded MBConv activation from
-        batch- to channel-sharded with all-to-alls)."""
+        choose, XLA moves activations instead: for a kernel sharded on its input dimension, and for
+        every depthwise kernel of a forward that reads sharded weights (L1-L3's EMA teacher re-laid
+        each expanded MBConv activation from batch- to channel-sharded with all-to-alls)."""
         if self.strategy != "fsdp":
             return variables
         return jax.lax.with_sharding_constraint(variables, mesh_lib.replicated_sharding(self.mesh))
