@@ -46,10 +46,12 @@ CASES = [
     ("pw_grouped_dim16", (1, 3, 4, 3 * 2 * 16), (1, 1, 16, 3 * 2 * 16), 1, 3 * 2),
     # Wide groups go through the batched matmul path.
     ("pw_grouped_wide", (1, 3, 4, 2 * 40), (1, 1, 40, 2 * 24), 1, 2),
+    # Dense k x k with more than 4 inputs: lax.conv forward, im2col kernel gradient (dense_conv2d).
     *[(f"full3x3_s{s}", (2, 7, 8, 5), (3, 3, 5, 7), s, 1) for s in (1, 2)],
-    # The 3-channel stem takes the broadcast path (custom backward through lax.conv).
+    # The 3-channel stem takes the broadcast path (custom backward: dense_conv2d's).
     *[(f"stem3x3_s{s}", (2, 9, 8, 3), (3, 3, 3, 8), s, 1) for s in (1, 2)],
     ("full1x1_s2", (2, 8, 8, 4), (1, 1, 4, 6), 2, 1),
+    ("full1x1_s2_wide", (2, 7, 8, 6), (1, 1, 6, 5), 2, 1),
 ]
 
 
@@ -147,6 +149,44 @@ def test_depthwise_custom_vjp_equals_lax(batch, hw, k, stride, padding, highest_
     for g, w in zip(got_grads, want_grads):
         assert g.shape == w.shape and g.dtype == w.dtype
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), **F32_TOL)
+
+
+# Dense custom VJP (lax.conv forward and input gradient, im2col kernel gradient) beyond the model cases:
+# odd and even sizes with stride 2, padding 0 and k - 1, a 5 x 5 kernel, stride 3, 1 x 1 maps, and row
+# counts that give 1 (prime), several and 32 gram blocks.
+DENSE_CASES = [  # (batch, (h, w), k, stride, padding, c_in, c_out)
+    (1, (7, 8), 3, 2, 1, 5, 7),
+    (3, (7, 8), 3, 1, 0, 6, 4),
+    (2, (6, 5), 5, 2, 2, 5, 3),
+    (2, (6, 6), 3, 1, 2, 8, 8),
+    (4, (9, 7), 3, 3, 1, 5, 6),
+    (3, (1, 1), 3, 1, 1, 6, 5),
+    (1, (13, 1), 3, 1, 1, 5, 2),
+    (32, (8, 8), 3, 1, 1, 6, 6),
+]
+
+
+@pytest.mark.parametrize("batch,hw,k,stride,padding,c_in,c_out", DENSE_CASES)
+def test_dense_custom_vjp_equals_lax(batch, hw, k, stride, padding, c_in, c_out, highest_precision):
+    x, kernel = _inputs((batch, *hw, c_in), (k, k, c_in, c_out), seed=batch + k + c_in)
+
+    def value_and_vjp(conv):
+        @jax.jit
+        def run(x, kernel, probe):
+            y, vjp = jax.vjp(conv, x, kernel)
+            return y, vjp(probe)
+        return run
+
+    probe = jax.random.normal(jax.random.PRNGKey(8), ops.lax_conv2d(x, kernel, stride, padding, 1).shape)
+    want_y, want_grads = value_and_vjp(lambda x, w: ops.lax_conv2d(x, w, stride, padding, 1))(x, kernel, probe)
+    got_y, got_grads = value_and_vjp(lambda x, w: ops.dense_conv2d(x, w, stride, padding))(x, kernel, probe)
+    np.testing.assert_allclose(np.asarray(got_y), np.asarray(want_y), **F32_TOL)
+    for g, w in zip(got_grads, want_grads):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        # The kernel gradient sums up to 2048 products in another order than lax.conv: float32 rounding
+        # grows with the gradient's scale, so the absolute tolerance is relative to it.
+        scale = max(1.0, float(jnp.max(jnp.abs(w))))
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("rows,batch_axes,p,q", [

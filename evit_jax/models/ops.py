@@ -350,11 +350,38 @@ def with_backward_of(forward: Callable[..., jax.Array], backward_of: Callable[..
     return fn
 
 
-def _dense_lax_conv2d(x, kernel, stride, padding):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def dense_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """Dense (groups=1) convolution: lax.conv forward and input gradient, the kernel gradient as a matmul.
+
+    XLA:CPU's lax.conv runs the forward and the input gradient near the matmul peak, but its kernel
+    gradient (a convolution that contracts over every pixel of every image) 2-6x slower than the forward
+    (docs/performance.md). Here the kernel gradient is `row_blocked_gram` of the im2col matrix
+    (every output pixel's kh*kw*C_in input window, one row per pixel) and the cotangent.
+    """
     return lax_conv2d(x, kernel, stride, padding, 1)
 
 
-fast_stem_conv2d = with_backward_of(conv2d_few_inputs_broadcast, _dense_lax_conv2d, num_static=2)
+def _dense_fwd(x, kernel, stride, padding):
+    return lax_conv2d(x, kernel, stride, padding, 1), (x, kernel)
+
+
+def _dense_bwd(stride, padding, residuals, cotangent):
+    # As in _pointwise_bwd: keeps XLA from recomputing x's producer in the strided im2col reads.
+    x, kernel, cotangent = lax.optimization_barrier((*residuals, cotangent))
+    kh, kw, c_in, c_out = kernel.shape
+    _, input_vjp = jax.vjp(lambda x: lax_conv2d(x, kernel, stride, padding, 1), x)
+    (dx,) = input_vjp(cotangent)
+    rows = cotangent.size // c_out
+    # Columns in the kernel's (kh, kw, C_in) order, so that the gram reshapes straight to HWIO.
+    im2col = jnp.concatenate([window for _, _, window in _taps(x, kh, kw, stride, padding)], axis=-1)
+    dk = row_blocked_gram(im2col.reshape(rows, kh * kw * c_in), cotangent.reshape(rows, c_out))
+    return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+dense_conv2d.defvjp(_dense_fwd, _dense_bwd)
+
+fast_stem_conv2d = with_backward_of(conv2d_few_inputs_broadcast, dense_conv2d, num_static=2)
 fast_grouped_pointwise_conv2d = with_backward_of(grouped_pointwise_conv2d_broadcast, pointwise_conv2d_matmul,
                                                  num_static=1)
 
@@ -387,7 +414,8 @@ def conv2d(
     conv_impl="auto" uses lax.conv on GPU/TPU and the fast CPU formulations on CPU:
     depthwise -> shift-and-add; 1x1 -> matmul (grouped with few channels per group -> broadcast
     multiply-adds); dense k x k with <= 4 input channels -> broadcast multiply-adds; other dense convs ->
-    lax.conv (XLA:CPU's dense convolution beats im2col and shifted matmuls here).
+    `dense_conv2d` (lax.conv forward: XLA:CPU's dense convolution beats im2col and shifted matmuls there;
+    the kernel gradient as an im2col matmul).
     """
     kh, kw, c_in_per_group, c_out = kernel.shape
     c_in = x.shape[-1]
@@ -403,6 +431,8 @@ def conv2d(
         return depthwise_conv2d(x, kernel, stride, padding)
     if groups == 1 and c_in <= MAX_BROADCAST_CONV_INPUTS:
         return fast_stem_conv2d(x, kernel, stride, padding)
+    if groups == 1:
+        return dense_conv2d(x, kernel, stride, padding)
     return lax_conv2d(x, kernel, stride, padding, groups)
 
 
