@@ -33,6 +33,19 @@ def test_timm_counterparts():
         assert timm_name is None and "timm has no" in reason
 
 
+def test_time_in_phases_times_steady_state_calls_in_alternating_phases():
+    """A A A B B B A A A B B B with one untimed call at each phase's start (warm-up 1, rounds 2, 4 timed
+    calls each): the first call after the other framework's phase is never among the timed ones."""
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in ("jax", "timm")}
+    timings = benchmark.time_in_phases(calls, iters=4, warmup=1, rounds=2, pause_s=0.0)
+    assert order == ["jax", "timm"] + (["jax"] * 3 + ["timm"] * 3) * 2
+    assert [len(t.seconds) for t in timings.values()] == [4, 4]
+    alone = []
+    assert len(benchmark.time_in_phases({"jax": lambda: alone.append(1)}, iters=3, warmup=1)["jax"].seconds) == 3
+    assert len(alone) == 4  # one callable: nothing alternates, no extra call
+
+
 def test_parse_resolution():
     assert benchmark.parse_resolution("224") == (224, 224)
     assert benchmark.parse_resolution("1024x2048") == (1024, 2048)

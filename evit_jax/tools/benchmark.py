@@ -113,15 +113,23 @@ def time_in_phases(calls: dict[str, Callable[[], Any]], iters: int, warmup: int 
     Phases, not call-by-call interleaving: XLA's and PyTorch's worker threads spin for a while after each
     call, and on a small CPU one framework's spinning threads would steal the cores of the other's next
     call. The pause lets them park; alternating phases still exposes both to the same load trend.
+    With several callables every phase starts with one untimed call: both frameworks allocate from the
+    same malloc heap, and the first call after the other framework's phase finds it laid out for the
+    other's buffers (L1's train step, 2.8 s in steady state, took 9.1 s and 730,000 page faults on its
+    first call after timm's; docs/performance.md). A training run never alternates, so steady state is
+    what is compared.
     """
     for fn in calls.values():
         for _ in range(warmup):
             fn()
     seconds: dict[str, list[float]] = {name: [] for name in calls}
     per_round = [iters // rounds + (1 if r < iters % rounds else 0) for r in range(rounds)]
+    alternating = len(calls) > 1
     for n in per_round:
         for name, fn in calls.items():
-            time.sleep(pause_s if len(calls) > 1 else 0.0)
+            if alternating:
+                time.sleep(pause_s)
+                fn()
             for _ in range(n):
                 start = time.perf_counter()
                 fn()
