@@ -130,25 +130,33 @@ DEPTHWISE_CASES = [  # (batch, (h, w), k, stride, padding)
 ]
 
 
-@pytest.mark.parametrize("batch,hw,k,stride,padding", DEPTHWISE_CASES)
-def test_depthwise_custom_vjp_equals_lax(batch, hw, k, stride, padding, highest_precision):
-    channels = 5
-    x, kernel = _inputs((batch, *hw, channels), (k, k, 1, channels), seed=batch + k)
+def _assert_vjp_equals_lax(conv, x, kernel, stride, padding, groups, probe_seed, kernel_grad_scaled=False):
+    """conv(x, kernel, stride, padding)'s value and gradients (jitted, for a random cotangent) equal
+    lax.conv's. kernel_grad_scaled: the gradients' absolute tolerance is 1e-5 of their largest magnitude."""
 
     def value_and_vjp(conv):
         @jax.jit
         def run(x, kernel, probe):
-            y, vjp = jax.vjp(conv, x, kernel)
+            y, vjp = jax.vjp(lambda x, w: conv(x, w, stride, padding), x, kernel)
             return y, vjp(probe)
         return run
 
-    probe = jax.random.normal(jax.random.PRNGKey(7), ops.lax_conv2d(x, kernel, stride, padding, channels).shape)
-    want_y, want_grads = value_and_vjp(lambda x, w: ops.lax_conv2d(x, w, stride, padding, channels))(x, kernel, probe)
-    got_y, got_grads = value_and_vjp(lambda x, w: ops.depthwise_conv2d(x, w, stride, padding))(x, kernel, probe)
+    reference = functools.partial(ops.lax_conv2d, groups=groups)
+    probe = jax.random.normal(jax.random.PRNGKey(probe_seed), reference(x, kernel, stride, padding).shape)
+    want_y, want_grads = value_and_vjp(reference)(x, kernel, probe)
+    got_y, got_grads = value_and_vjp(conv)(x, kernel, probe)
     np.testing.assert_allclose(np.asarray(got_y), np.asarray(want_y), **F32_TOL)
     for g, w in zip(got_grads, want_grads):
         assert g.shape == w.shape and g.dtype == w.dtype
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), **F32_TOL)
+        scale = max(1.0, float(jnp.max(jnp.abs(w)))) if kernel_grad_scaled else 1.0
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=F32_TOL["rtol"], atol=F32_TOL["atol"] * scale)
+
+
+@pytest.mark.parametrize("batch,hw,k,stride,padding", DEPTHWISE_CASES)
+def test_depthwise_custom_vjp_equals_lax(batch, hw, k, stride, padding, highest_precision):
+    channels = 5
+    x, kernel = _inputs((batch, *hw, channels), (k, k, 1, channels), seed=batch + k)
+    _assert_vjp_equals_lax(ops.depthwise_conv2d, x, kernel, stride, padding, groups=channels, probe_seed=7)
 
 
 # Dense custom VJP (lax.conv forward and input gradient, im2col kernel gradient) beyond the model cases:
@@ -169,24 +177,10 @@ DENSE_CASES = [  # (batch, (h, w), k, stride, padding, c_in, c_out)
 @pytest.mark.parametrize("batch,hw,k,stride,padding,c_in,c_out", DENSE_CASES)
 def test_dense_custom_vjp_equals_lax(batch, hw, k, stride, padding, c_in, c_out, highest_precision):
     x, kernel = _inputs((batch, *hw, c_in), (k, k, c_in, c_out), seed=batch + k + c_in)
-
-    def value_and_vjp(conv):
-        @jax.jit
-        def run(x, kernel, probe):
-            y, vjp = jax.vjp(conv, x, kernel)
-            return y, vjp(probe)
-        return run
-
-    probe = jax.random.normal(jax.random.PRNGKey(8), ops.lax_conv2d(x, kernel, stride, padding, 1).shape)
-    want_y, want_grads = value_and_vjp(lambda x, w: ops.lax_conv2d(x, w, stride, padding, 1))(x, kernel, probe)
-    got_y, got_grads = value_and_vjp(lambda x, w: ops.dense_conv2d(x, w, stride, padding))(x, kernel, probe)
-    np.testing.assert_allclose(np.asarray(got_y), np.asarray(want_y), **F32_TOL)
-    for g, w in zip(got_grads, want_grads):
-        assert g.shape == w.shape and g.dtype == w.dtype
-        # The kernel gradient sums up to 2048 products in another order than lax.conv: float32 rounding
-        # grows with the gradient's scale, so the absolute tolerance is relative to it.
-        scale = max(1.0, float(jnp.max(jnp.abs(w))))
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5 * scale)
+    # The kernel gradient sums up to 2048 products in another order than lax.conv: float32 rounding grows
+    # with the gradient's scale, so the absolute tolerance is relative to it.
+    _assert_vjp_equals_lax(ops.dense_conv2d, x, kernel, stride, padding, groups=1, probe_seed=8,
+                           kernel_grad_scaled=True)
 
 
 @pytest.mark.parametrize("rows,batch_axes,p,q", [
