@@ -354,10 +354,12 @@ def with_backward_of(forward: Callable[..., jax.Array], backward_of: Callable[..
 def dense_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
     """Dense (groups=1) convolution: lax.conv forward and input gradient, the kernel gradient as a matmul.
 
-    XLA:CPU's lax.conv runs the forward and the input gradient near the matmul peak, but its kernel
+    XLA:CPU's lax.conv runs the forward and the input gradient near the matmul peak, but runs its kernel
     gradient (a convolution that contracts over every pixel of every image) 2-6x slower than the forward
-    (docs/performance.md). Here the kernel gradient is `row_blocked_gram` of the im2col matrix
-    (every output pixel's kh*kw*C_in input window, one row per pixel) and the cotangent.
+    (docs/performance.md). Here the kernel gradient is `row_blocked_gram` of the im2col matrix (every
+    output pixel's kh*kw*C_in input window, one row per pixel) and the cotangent. The im2col matrix is
+    a temporary of the backward, up to kh*kw times the input's size (231 MB for L1's first ResBlock conv at
+    batch 16).
     """
     return lax_conv2d(x, kernel, stride, padding, 1)
 
