@@ -3,7 +3,8 @@
 An XLA:CPU executable mallocs its temporaries on each call: 926 MiB for the batch-16 B1 train step,
 2.9 GiB for L1's. glibc serves a block that large with a fresh mmap and unmaps it on free, so every
 call page-faults its whole working set in again (about 245,000 minor faults per B1 step; with the
-settings below the step took 687-702 ms instead of 1078, docs/performance.md). Two settings make the step reuse the same memory:
+settings below the step took 687-702 ms instead of 1078, docs/performance.md). Two settings make the
+step reuse the same memory:
 
 - JAX's CPU client runs a single-device computation on the thread that calls it
   (`jax_cpu_enable_async_dispatch` = False), the Python main thread, whose malloc arena is the main
