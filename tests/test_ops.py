@@ -200,6 +200,15 @@ def test_row_blocked_gram_equals_numpy(rows, batch_axes, p, q):
     np.testing.assert_allclose(np.asarray(got), want, **F32_TOL)
 
 
+@pytest.mark.parametrize("shape", [(1, 3), (32, 4, 5), (7, 2, 3, 4)])
+def test_sum_leading_axis_equals_numpy(shape):
+    x = jax.random.normal(jax.random.PRNGKey(len(shape)), shape, jnp.float32)
+    got = jax.jit(ops.sum_leading_axis)(x)
+    want = np.asarray(x, np.float64).sum(axis=0)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), want, **F32_TOL)
+
+
 def test_grouped_channel_order_matches_pytorch():
     """Grouped 1x1 output channel o belongs to group o // (C_out / groups), as in torch.nn.Conv2d."""
     torch = pytest.importorskip("torch")
