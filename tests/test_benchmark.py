@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -24,6 +29,8 @@ def test_cli_runs_tiny_model_and_reports_every_figure(capsys):
     assert result["mfu"] is not None and result["mfu"] > 0
     out = capsys.readouterr().out
     assert "analytic count of convs, linears and attention matmuls" in out and "MFU" in out
+    assert "host load        jax calls: " in out  # one tiny call may fall within a clock tick: no shares then
+    assert result["jax_steal_share"] is None or 0.0 <= result["jax_steal_share"] <= 1.0
 
 
 def test_timm_counterparts():
@@ -44,6 +51,36 @@ def test_time_in_phases_times_steady_state_calls_in_alternating_phases():
     alone = []
     assert len(benchmark.time_in_phases({"jax": lambda: alone.append(1)}, iters=3, warmup=1)["jax"].seconds) == 3
     assert len(alone) == 4  # one callable: nothing alternates, no extra call
+
+
+def test_proc_stat_parsing_and_host_shares():
+    """/proc/stat's aggregate line in ticks -> seconds; steal and other-process shares of the CPUs' time."""
+    stat = "cpu  700 100 200 800 100 50 50 300 40 0\ncpu0 1 2 3 4 5 6 7 8 9 0\nintr 1\n"
+    assert benchmark.parse_proc_stat(stat, ticks_per_second=100) == (11.0, 9.0, 3.0)
+    # 11 s busy (4 of them this process's), 9 s idle, 3 s stolen: 23 s of the CPUs' time in all.
+    timing = benchmark.Timing([0.1], benchmark.HostCpuTimes(busy=11.0, idle=9.0, steal=3.0, own=4.0))
+    assert timing.steal_share == pytest.approx(3 / 23) and timing.other_share == pytest.approx(7 / 23)
+    assert timing.host_load() == "steal 13.0%, other processes 30.4%"
+    unknown = benchmark.Timing([0.1])
+    assert unknown.steal_share is None and "no /proc/stat" in unknown.host_load()
+    too_short = benchmark.Timing([0.1], benchmark.HostCpuTimes(busy=0.2, idle=0.1, steal=0.0, own=0.1))
+    assert too_short.other_share is None and "not measured" in too_short.host_load()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux's /proc/stat")
+def test_time_in_phases_sees_another_process_use_a_cpu():
+    """A busy child process while the timed calls sleep: the other-process share shows it (one of the
+    machine's CPUs is a share of 1 / cpu_count), and this process's own sleeping is not counted."""
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        timing = benchmark.time_in_phases({"sleep": lambda: time.sleep(0.1)}, iters=10, warmup=0)["sleep"]
+    finally:
+        child.kill()
+        child.wait()
+    assert timing.host is not None and timing.host.own < 0.1
+    assert 0.5 / os.cpu_count() < timing.other_share <= 1.0
+    assert 0.0 <= timing.steal_share < 1.0
 
 
 def test_parse_resolution():
@@ -124,6 +161,9 @@ def test_train_bench_runs_the_loops_step_and_profiles_it():
     register_tiny_model()
     result = train_bench.benchmark_train_steps(TINY, batch=2, res=32, steps=2, warmup=1, profile=True)
     assert result["jax_images_per_s"] > 0 and result["compile_s"] > 0
+    # Two steps of a tiny model are too short for /proc/stat's clock ticks: then the line says so.
+    assert result["host_load"].startswith("jax calls: ")
+    assert result["jax_other_share"] is None or 0.0 <= result["jax_other_share"] <= 1.0
     phases = {phase for phase, _, _ in result["profile"]}
     assert {"forward", "backward"} <= phases
     lines = train_bench.format_profile(result["profile"])

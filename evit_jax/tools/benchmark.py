@@ -10,7 +10,9 @@ is printed beside it. Images/s is the median over `--iters` timed calls of the j
 (`block_until_ready` each call) after warm-up; the batch is split over all local devices. MFU = 2 x MACs x
 images/s / peak. With `--compare-timm` the same-named timm model runs in the same process, eager,
 `torch.inference_mode()`, channels_last, same batch/resolution/dtype/thread count, timed in phases that
-alternate with the JAX phases (A B A B) so that both see the same machine load.
+alternate with the JAX phases (A B A B) so that both see the same machine load. The last line gives that
+load for each framework's timed calls: the share of all CPUs' time stolen by the hypervisor and the share
+used by other processes (/proc/stat; Linux only).
 
 `--sweep-resolution ...` hands the command line to evit_jax.tools.cost_sweep (attention cost vs resolution).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import resource
 import statistics
 import sys
 import time
@@ -91,11 +94,57 @@ def peak_tflops(device: jax.Device, dtype: str, override: float | None = None) -
     return chip.peak_tflops(dtype), f"{device.device_kind} {dtype} dense peak (datasheet)"
 
 
+@dataclasses.dataclass(frozen=True)
+class HostCpuTimes:
+    """Cumulative CPU seconds of the whole machine (all CPUs, from /proc/stat) and of this process."""
+
+    busy: float  # user, nice, system, irq, softirq (guest time is counted inside user)
+    idle: float  # idle and iowait
+    steal: float  # time the hypervisor gave this VM's CPUs to someone else
+    own: float  # this process, every thread (resource.getrusage)
+
+    def __add__(self, other: HostCpuTimes) -> HostCpuTimes:
+        return HostCpuTimes(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+    def __sub__(self, other: HostCpuTimes) -> HostCpuTimes:
+        return HostCpuTimes(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+def parse_proc_stat(text: str, ticks_per_second: float) -> tuple[float, float, float]:
+    """(busy, idle, steal) seconds from /proc/stat's aggregate `cpu` line."""
+    fields = [int(v) for v in text.split("\n", 1)[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields + [0] * (8 - len(fields))
+    return ((user + nice + system + irq + softirq) / ticks_per_second, (idle + iowait) / ticks_per_second,
+            steal / ticks_per_second)
+
+
+def read_host_cpu_times() -> HostCpuTimes | None:
+    """The machine's and this process's CPU time now; None where there is no /proc/stat (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            busy, idle, steal = parse_proc_stat(f.read(), os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, AttributeError):
+        return None
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return HostCpuTimes(busy, idle, steal, usage.ru_utime + usage.ru_stime)
+
+
+# /proc/stat counts in clock ticks (10 ms): below this much CPU time (all CPUs together) a share would be
+# off by several percent, so none is given.
+MIN_HOST_CPU_SECONDS = 0.5
+
+
 @dataclasses.dataclass
 class Timing:
-    """Per-call seconds of a benchmarked callable."""
+    """Per-call seconds of a benchmarked callable, and the host's CPU time over those calls.
+
+    `host` (None off Linux) sums the timed calls' intervals: from it, `steal_share` is the share of the
+    machine's CPU time that the hypervisor took (a contended cloud host), `other_share` the share used by
+    other processes. Figures measured with either far from zero are not comparable with a quiet run.
+    """
 
     seconds: list[float]
+    host: HostCpuTimes | None = None
 
     @property
     def median(self) -> float:
@@ -104,6 +153,28 @@ class Timing:
     @property
     def best(self) -> float:
         return min(self.seconds)
+
+    def _share(self, seconds: float) -> float | None:
+        if self.host is None:
+            return None
+        total = self.host.busy + self.host.idle + self.host.steal
+        return min(1.0, max(0.0, seconds / total)) if total >= MIN_HOST_CPU_SECONDS else None
+
+    @property
+    def steal_share(self) -> float | None:
+        return self._share(self.host.steal) if self.host else None
+
+    @property
+    def other_share(self) -> float | None:
+        return self._share(self.host.busy - self.host.own) if self.host else None
+
+    def host_load(self) -> str:
+        """'steal 3.1%, other processes 0.4%' (shares of all CPUs' time), or why it is unknown."""
+        if self.host is None:
+            return "host load unknown (no /proc/stat)"
+        if self.steal_share is None:
+            return f"host load not measured (timed calls under {MIN_HOST_CPU_SECONDS:g} s of all CPUs' time)"
+        return f"steal {100 * self.steal_share:.1f}%, other processes {100 * self.other_share:.1f}%"
 
 
 def time_in_phases(calls: dict[str, Callable[[], Any]], iters: int, warmup: int = 2, rounds: int = 2,
@@ -123,6 +194,7 @@ def time_in_phases(calls: dict[str, Callable[[], Any]], iters: int, warmup: int 
         for _ in range(warmup):
             fn()
     seconds: dict[str, list[float]] = {name: [] for name in calls}
+    host: dict[str, HostCpuTimes | None] = {name: HostCpuTimes(0.0, 0.0, 0.0, 0.0) for name in calls}
     per_round = [iters // rounds + (1 if r < iters % rounds else 0) for r in range(rounds)]
     alternating = len(calls) > 1
     for n in per_round:
@@ -130,11 +202,29 @@ def time_in_phases(calls: dict[str, Callable[[], Any]], iters: int, warmup: int 
             if alternating:
                 time.sleep(pause_s)
                 fn()
+            before = read_host_cpu_times()
             for _ in range(n):
                 start = time.perf_counter()
                 fn()
                 seconds[name].append(time.perf_counter() - start)
-    return {name: Timing(s) for name, s in seconds.items()}
+            after = read_host_cpu_times()
+            both = before is not None and after is not None and host[name] is not None
+            host[name] = host[name] + (after - before) if both else None
+    return {name: Timing(s, host[name]) for name, s in seconds.items()}
+
+
+def host_load_summary(timings: dict[str, Timing]) -> str:
+    """One line: each callable's `Timing.host_load()`, e.g. 'jax calls: steal 0.4%, ...; timm calls: ...'."""
+    return "; ".join(f"{name} calls: {timing.host_load()}" for name, timing in timings.items()) + (
+        " (of all CPUs' time, /proc/stat)")
+
+
+def host_load_figures(timings: dict[str, Timing]) -> dict[str, Any]:
+    """The result-dict entries of the host load: NAME_steal_share, NAME_other_share and host_load."""
+    out: dict[str, Any] = {"host_load": host_load_summary(timings)}
+    for name, timing in timings.items():
+        out[f"{name}_steal_share"], out[f"{name}_other_share"] = timing.steal_share, timing.other_share
+    return out
 
 
 def count_params(params: Any) -> int:
@@ -261,7 +351,7 @@ def benchmark(
         num_devices=len(jax.local_devices()), params=params, gmacs=macs / 1e9, xla_gmacs=xla_gmacs,
         compile_s=compile_s, jax_images_per_s=batch / timings["jax"].median,
         jax_images_per_s_best=batch / timings["jax"].best, output_finite=finite, peak_tflops=peak_value,
-        peak_source=peak_source, iters=iters,
+        peak_source=peak_source, iters=iters, **host_load_figures(timings),
     )
     result["mfu"] = (2 * macs * result["jax_images_per_s"] / (peak_value * 1e12)) if peak_value else None
     if timm_name:
@@ -295,6 +385,7 @@ def _report(r: dict[str, Any], timm_skip: str, log: Callable[[str], None]) -> No
         log(f"JAX / timm       {r['jax_over_timm']:.2f}x")
     elif timm_skip:
         log(timm_skip)
+    log(f"host load        {r['host_load']}")
 
 
 def model_table(names: Sequence[str] | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:

@@ -114,7 +114,7 @@ def benchmark_detection_steps(model_name: str = "efficientvit_det_b1", batch: in
                               steps: int = 6, warmup: int = 2, max_boxes: int = 120, boxes: int = 8,
                               conv_impl: str = "auto") -> dict:
     """images/s of the loop's detection train step and eval step (with NMS), and their compile times."""
-    from evit_jax.tools.benchmark import time_in_phases
+    from evit_jax.tools.benchmark import host_load_figures, time_in_phases
 
     calls, info = build_steps(model_name, batch, res, max_boxes=max_boxes, boxes=boxes, conv_impl=conv_impl)
     timings = time_in_phases(calls, steps, warmup)
@@ -123,6 +123,7 @@ def benchmark_detection_steps(model_name: str = "efficientvit_det_b1", batch: in
     for name, timing in timings.items():
         result[f"{name}_images_per_s"] = batch / timing.median
         result[f"{name}_step_ms"] = 1000 * timing.median
+    result.update(host_load_figures(timings))
     return result
 
 
@@ -148,6 +149,7 @@ def main(argv=None) -> None:
           f"compile {r['train_compile_s']:.1f} s)")
     print(f"  eval step with NMS: {r['eval_images_per_s']:.2f} images/s ({r['eval_step_ms']:.0f} ms/step, "
           f"compile {r['eval_compile_s']:.1f} s, {r['detections_per_image']:.1f} detections per image)", flush=True)
+    print(f"  host load: {r['host_load']}", flush=True)
 
 
 if __name__ == "__main__":

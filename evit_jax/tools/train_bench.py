@@ -147,7 +147,7 @@ def benchmark_train_steps(model_name: str = "efficientvit_b1", batch: int = 16, 
     `evit_jax.tools.benchmark.peak_tflops`); with `profile`, the step's op time by (phase, layer kind,
     op kind) (:func:`profile_executable`)."""
     from evit_jax.models import flops
-    from evit_jax.tools.benchmark import peak_tflops, time_in_phases
+    from evit_jax.tools.benchmark import host_load_figures, peak_tflops, time_in_phases
 
     run, info = build_train_step(model_name, batch, res, conv_impl=conv_impl, dtype=dtype)
     calls = {"jax": run}
@@ -164,6 +164,7 @@ def benchmark_train_steps(model_name: str = "efficientvit_b1", batch: int = 16, 
         result[f"{name}_images_per_s"] = batch / timing.median
         result[f"{name}_step_ms"] = 1000 * timing.median
         result[f"{name}_best_step_ms"] = 1000 * timing.best
+    result.update(host_load_figures(timings))
     if compare_timm:
         result["jax_over_timm"] = result["jax_images_per_s"] / result["timm_images_per_s"]
     peak_value, result["peak_source"] = peak_tflops(jax.local_devices()[0], dtype, peak)
@@ -283,6 +284,7 @@ def main(argv=None) -> dict:
     if args.compare_timm:
         print(_format("timm", result), flush=True)
         print(f"evit_jax / timm: {result['jax_over_timm']:.2f}x", flush=True)
+    print(f"host load during the timed steps: {result['host_load']}", flush=True)
     if args.profile:
         print("\n".join(format_profile(result["profile"])), flush=True)
     return result
