@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import resource
 import statistics
 import sys
 import time
@@ -121,9 +120,11 @@ def parse_proc_stat(text: str, ticks_per_second: float) -> tuple[float, float, f
 def read_host_cpu_times() -> HostCpuTimes | None:
     """The machine's and this process's CPU time now; None where there is no /proc/stat (not Linux)."""
     try:
+        import resource  # noqa: PLC0415 - Unix only
+
         with open("/proc/stat") as f:
             busy, idle, steal = parse_proc_stat(f.read(), os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, AttributeError):
+    except (ImportError, OSError, ValueError, AttributeError):
         return None
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return HostCpuTimes(busy, idle, steal, usage.ru_utime + usage.ru_stime)
