@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import operator
 import os
 import statistics
 import sys
@@ -103,10 +104,10 @@ class HostCpuTimes:
     own: float  # this process, every thread (resource.getrusage)
 
     def __add__(self, other: HostCpuTimes) -> HostCpuTimes:
-        return HostCpuTimes(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+        return HostCpuTimes(*map(operator.add, dataclasses.astuple(self), dataclasses.astuple(other)))
 
     def __sub__(self, other: HostCpuTimes) -> HostCpuTimes:
-        return HostCpuTimes(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+        return HostCpuTimes(*map(operator.sub, dataclasses.astuple(self), dataclasses.astuple(other)))
 
 
 def parse_proc_stat(text: str, ticks_per_second: float) -> tuple[float, float, float]:
@@ -155,19 +156,19 @@ class Timing:
     def best(self) -> float:
         return min(self.seconds)
 
-    def _share(self, seconds: float) -> float | None:
+    def _share(self, part: Callable[[HostCpuTimes], float]) -> float | None:
         if self.host is None:
             return None
         total = self.host.busy + self.host.idle + self.host.steal
-        return min(1.0, max(0.0, seconds / total)) if total >= MIN_HOST_CPU_SECONDS else None
+        return min(1.0, max(0.0, part(self.host) / total)) if total >= MIN_HOST_CPU_SECONDS else None
 
     @property
     def steal_share(self) -> float | None:
-        return self._share(self.host.steal) if self.host else None
+        return self._share(lambda host: host.steal)
 
     @property
     def other_share(self) -> float | None:
-        return self._share(self.host.busy - self.host.own) if self.host else None
+        return self._share(lambda host: host.busy - host.own)
 
     def host_load(self) -> str:
         """'steal 3.1%, other processes 0.4%' (shares of all CPUs' time), or why it is unknown."""
@@ -214,15 +215,11 @@ def time_in_phases(calls: dict[str, Callable[[], Any]], iters: int, warmup: int 
     return {name: Timing(s, host[name]) for name, s in seconds.items()}
 
 
-def host_load_summary(timings: dict[str, Timing]) -> str:
-    """One line: each callable's `Timing.host_load()`, e.g. 'jax calls: steal 0.4%, ...; timm calls: ...'."""
-    return "; ".join(f"{name} calls: {timing.host_load()}" for name, timing in timings.items()) + (
-        " (of all CPUs' time, /proc/stat)")
-
-
 def host_load_figures(timings: dict[str, Timing]) -> dict[str, Any]:
-    """The result-dict entries of the host load: NAME_steal_share, NAME_other_share and host_load."""
-    out: dict[str, Any] = {"host_load": host_load_summary(timings)}
+    """The result-dict entries of the host load: NAME_steal_share, NAME_other_share, and host_load, the
+    printed line ('jax calls: steal 0.4%, other processes 0.0%; timm calls: ... (of all CPUs' time ...)')."""
+    line = "; ".join(f"{name} calls: {timing.host_load()}" for name, timing in timings.items())
+    out: dict[str, Any] = {"host_load": f"{line} (of all CPUs' time, /proc/stat)"}
     for name, timing in timings.items():
         out[f"{name}_steal_share"], out[f"{name}_other_share"] = timing.steal_share, timing.other_share
     return out
